@@ -1,0 +1,157 @@
+"""Image decoding and the evaluation transform, in Pillow and numpy only.
+
+The transform is the one torchvision applies in training (``Resize(short side)``,
+``CenterCrop``, normalise), reproduced with the same Pillow calls so the two agree.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import warnings
+from pathlib import Path
+from typing import Union
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from .metadata import Preprocess
+
+ImageInput = Union[str, os.PathLike, Image.Image, np.ndarray]
+
+#: Refuse images above this many pixels (about 12k x 8k): decompression bombs.
+MAX_PIXELS = 100_000_000
+
+_INTERPOLATION = {
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "nearest": Image.Resampling.NEAREST,
+}
+
+
+class ImageError(ValueError):
+    """An input that cannot be turned into an image; the message names the file and reason."""
+
+
+def _describe(source: object) -> str:
+    return str(source) if isinstance(source, (str, os.PathLike)) else type(source).__name__
+
+
+def open_image(source: ImageInput, preprocess: Preprocess | None = None) -> Image.Image:
+    """Decode to an upright RGB image, decoding large JPEGs at reduced scale when allowed.
+
+    With ``preprocess`` given, a JPEG is decoded through Pillow's draft mode at the smallest
+    DCT scale that still leaves at least twice the resize target on the short side, so the
+    later antialiased resize sees nearly the same pixels at a fraction of the decode cost.
+    """
+    if isinstance(source, Image.Image):
+        return _to_rgb(ImageOps.exif_transpose(source), _describe(source))
+    if isinstance(source, np.ndarray):
+        return _array_to_image(source)
+    path = Path(source)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise ImageError(f"{path}: file not found") from None
+    except IsADirectoryError:
+        raise ImageError(f"{path}: is a directory, not an image") from None
+    except OSError as exc:
+        raise ImageError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    if not data:
+        raise ImageError(f"{path}: file is empty")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+            if image.width * image.height > MAX_PIXELS:
+                raise ImageError(
+                    f"{path}: image is {image.width}x{image.height}, above the "
+                    f"{MAX_PIXELS:,} pixel limit (possible decompression bomb)"
+                )
+            if preprocess is not None and image.format == "JPEG":
+                target = 2 * preprocess.resize_size
+                short = min(image.size)
+                if short > target:
+                    scale = target / short
+                    image.draft("RGB", (int(image.width * scale), int(image.height * scale)))
+            image.load()
+    except ImageError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageError(f"{path}: decompression bomb refused ({exc})") from None
+    except Image.UnidentifiedImageError:
+        raise ImageError(f"{path}: not an image file (unrecognised format)") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise ImageError(f"{path}: corrupt or truncated image ({exc})") from None
+    return _to_rgb(ImageOps.exif_transpose(image), str(path))
+
+
+def _to_rgb(image: Image.Image, source: str) -> Image.Image:
+    """Palette, alpha, CMYK, greyscale and 16-bit images all become 8-bit RGB."""
+    if image.mode == "RGB":
+        return image
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        array = np.asarray(image, dtype=np.float64)
+        peak = 65535.0 if image.mode.startswith("I;16") or array.max() > 255 else 255.0
+        grey = np.clip(array / peak * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return Image.fromarray(grey, "L").convert("RGB")
+    if image.mode == "F":
+        array = np.asarray(image, dtype=np.float64)
+        grey = np.clip(array * (255.0 if array.max() <= 1.0 else 1.0), 0, 255).astype(np.uint8)
+        return Image.fromarray(grey, "L").convert("RGB")
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    try:
+        return image.convert("RGB")
+    except (OSError, ValueError) as exc:
+        raise ImageError(f"{source}: cannot convert mode {image.mode} to RGB ({exc})") from None
+
+
+def _array_to_image(array: np.ndarray) -> Image.Image:
+    if array.ndim == 2:
+        array = np.stack([array] * 3, axis=-1)
+    if array.ndim != 3 or array.shape[-1] not in (1, 3, 4):
+        raise ImageError(f"array: expected HxW, HxWx3 or HxWx4, got shape {array.shape}")
+    if array.shape[-1] == 1:
+        array = np.repeat(array, 3, axis=-1)
+    if array.dtype != np.uint8:
+        if np.issubdtype(array.dtype, np.floating) and array.max(initial=0) <= 1.0:
+            array = array * 255.0
+        array = np.clip(array, 0, 255).astype(np.uint8)
+    mode = "RGBA" if array.shape[-1] == 4 else "RGB"
+    return _to_rgb(Image.fromarray(np.ascontiguousarray(array), mode), "array")
+
+
+def resize_and_crop(image: Image.Image, preprocess: Preprocess) -> Image.Image:
+    """torchvision's ``Resize(resize_size)`` then ``CenterCrop(input_size)`` on a PIL image."""
+    width, height = image.size
+    short = preprocess.resize_size
+    if width <= height:
+        new_w, new_h = short, int(short * height / width)
+    else:
+        new_w, new_h = int(short * width / height), short
+    if (new_w, new_h) != (width, height):
+        image = image.resize((new_w, new_h), _INTERPOLATION[preprocess.interpolation])
+    crop = preprocess.input_size
+    left = int(round((new_w - crop) / 2.0))
+    top = int(round((new_h - crop) / 2.0))
+    return image.crop((left, top, left + crop, top + crop))
+
+
+def to_tensor(image: Image.Image, preprocess: Preprocess) -> np.ndarray:
+    """HWC uint8 -> CHW float32, normalised, in the model's channel order."""
+    array = np.asarray(image, dtype=np.float32)
+    if preprocess.channel_order == "BGR":
+        array = array[..., ::-1]
+    mean = np.asarray(preprocess.mean, dtype=np.float32)
+    inv_std = 1.0 / np.asarray(preprocess.std, dtype=np.float32)
+    return ((array - mean) * inv_std).transpose(2, 0, 1)
+
+
+def load(source: ImageInput, preprocess: Preprocess) -> np.ndarray:
+    """One image, ready for the graph: float32 [3, input_size, input_size]."""
+    return to_tensor(resize_and_crop(open_image(source, preprocess), preprocess), preprocess)

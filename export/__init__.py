@@ -1,0 +1,1 @@
+"""Training side of cmn-edge: the CMN model in PyTorch, training, ONNX export, quantization."""

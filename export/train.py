@@ -1,0 +1,309 @@
+"""Training a CMN: Proxy-Anchor + concept separation, selected on held-out train classes.
+
+Two modes share everything but the input pipeline: ``full`` trains end to end on augmented
+images (use it on a GPU); ``tail`` freezes the early stages, caches their features once and
+tunes the last stages and the head on random crops of the cached maps (the CPU path).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from pytorch_metric_learning.losses import ProxyAnchorLoss
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from cmn_edge.metrics import retrieval_metrics
+
+from . import data as D
+from .checkpoint import CHECKPOINT_FORMAT, load_checkpoint, save_atomic
+from .model import CMN
+
+
+@dataclass
+class TrainConfig:
+    datasets: list[str]
+    out_dir: str = "runs/cmn"
+    backbone: str = "tf_efficientnet_lite0"
+    num_concepts: int = 512
+    input_size: int = 224
+    mode: str = "tail"  # "tail" (cached early stages) or "full"
+    epochs: int = 10
+    warmup_epochs: int = 1
+    batch_size: int = 64
+    lr: float = 4e-5  # backbone; the head gets head_lr_mult x, proxies proxy_lr_mult x
+    head_lr_mult: float = 10.0
+    proxy_lr_mult: float = 100.0
+    weight_decay: float = 5e-4
+    separation_weight: float = 0.1
+    margin: float = 0.1
+    alpha: float = 32.0
+    val_fraction: float = 0.1
+    seed: int = 0
+    workers: int = 2
+    device: str = "auto"
+    final_test: bool = True
+    pretrained: bool = True
+    max_steps_per_epoch: int = 0  # 0 = whole epoch; small values for smoke tests
+    command: str = field(default_factory=lambda: " ".join(["cmn-export", *sys.argv[1:]]))
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+@torch.no_grad()
+def embed_images(model: CMN, data: D.LabelledSet, device: torch.device, workers: int = 0):
+    preprocess = model.spec.preprocess(model.input_size)
+    loader = DataLoader(
+        D.ImageSet(data, D.eval_transform(preprocess)), batch_size=64, num_workers=workers
+    )
+    model.eval()
+    out = [model(x.to(device)).cpu() for x, _ in tqdm(loader, desc="embedding", leave=False)]
+    return torch.cat(out).numpy()
+
+
+class Trainer:
+    def __init__(self, config: TrainConfig) -> None:
+        self.config = config
+        self.device = pick_device(config.device)
+        self.out = Path(config.out_dir)
+        self.out.mkdir(parents=True, exist_ok=True)
+        seed_everything(config.seed)
+        everything, self.class_names = D.merge_datasets(config.datasets, "train")
+        self.train_set, self.val_set = D.hold_out_classes(
+            everything, config.val_fraction, config.seed
+        )
+        self.num_classes = len(set(self.train_set.labels))
+        self.model = CMN(config.backbone, config.num_concepts, pretrained=config.pretrained)
+        self.model.input_size = config.input_size
+        self.model.to(self.device)
+        self.preprocess = self.model.spec.preprocess(config.input_size)
+        self.criterion = ProxyAnchorLoss(
+            self.num_classes, config.num_concepts, margin=config.margin, alpha=config.alpha
+        ).to(self.device)
+        backbone_params = [
+            p
+            for p in (
+                self.model.backbone.tail.parameters()
+                if config.mode == "tail"
+                else self.model.backbone.parameters()
+            )
+        ]
+        if config.mode == "tail":
+            for p in self.model.backbone.trunk.parameters():
+                p.requires_grad_(False)
+        self.model.freeze_batchnorm()
+        self.backbone_params = [p for p in backbone_params if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(
+            [
+                {"params": self.backbone_params, "lr": config.lr},
+                {"params": self.model.head.parameters(), "lr": config.lr * config.head_lr_mult},
+                {
+                    "params": self.criterion.parameters(),
+                    "lr": config.lr * config.proxy_lr_mult,
+                },
+            ],
+            weight_decay=config.weight_decay,
+        )
+        self.base_lrs = [g["lr"] for g in self.optimizer.param_groups]
+        self.epoch = 0
+        self.best = {"epoch": -1, "val": {}}
+        self.history: list[dict] = []
+        self._features: dict[str, torch.Tensor] = {}
+
+    # --- inputs --------------------------------------------------------------------------
+    def _cached(self, name: str, data: D.LabelledSet) -> torch.Tensor:
+        if name not in self._features:
+            self._features[name] = D.cache_trunk_features(
+                self.model.backbone.trunk, data, self.preprocess, self.out / "cache", self.device
+            )
+        return self._features[name]
+
+    def _train_batches(self):
+        config = self.config
+        labels = torch.tensor(self.train_set.labels)
+        if config.mode == "tail":
+            features = self._cached("train", self.train_set)
+            grid = config.input_size // (self.model.spec.stride // 2)
+            order = torch.randperm(len(labels))
+            for start in range(0, len(order) - config.batch_size + 1, config.batch_size):
+                idx = order[start : start + config.batch_size]
+                x = D.random_crop_flip(features[idx].float(), grid)
+                yield x.to(self.device), labels[idx].to(self.device)
+        else:
+            loader = DataLoader(
+                D.ImageSet(self.train_set, D.train_transform(self.preprocess)),
+                batch_size=config.batch_size,
+                shuffle=True,
+                drop_last=True,
+                num_workers=config.workers,
+            )
+            for x, y in loader:
+                yield x.to(self.device), y.to(self.device)
+
+    def _steps_per_epoch(self) -> int:
+        steps = len(self.train_set) // self.config.batch_size
+        cap = self.config.max_steps_per_epoch
+        return min(steps, cap) if cap else steps
+
+    def _embed(self, x: torch.Tensor) -> torch.Tensor:
+        if self.config.mode == "tail":
+            return self.model.forward_tail(x)
+        return self.model(x)
+
+    # --- training ------------------------------------------------------------------------
+    def _set_lr(self, epoch: int, step: int, steps: int) -> None:
+        """Constant during warm-up, then cosine decay over the remaining epochs."""
+        config = self.config
+        decay_epochs = max(1, config.epochs - config.warmup_epochs)
+        t = max(0.0, (epoch - config.warmup_epochs + step / max(1, steps)) / decay_epochs)
+        factor = 1.0 if epoch < config.warmup_epochs else 0.5 * (1 + math.cos(math.pi * t))
+        for group, base in zip(self.optimizer.param_groups, self.base_lrs):
+            group["lr"] = base * factor
+
+    def train_epoch(self) -> dict:
+        config, epoch = self.config, self.epoch
+        warm = epoch < config.warmup_epochs
+        for p in self.backbone_params:
+            p.requires_grad_(not warm)
+        self.model.train()
+        self.model.freeze_batchnorm()
+        steps = self._steps_per_epoch()
+        totals = {"loss": 0.0, "proxy_anchor": 0.0, "separation": 0.0}
+        bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{config.epochs}" + (" (warm-up)" * warm))
+        count = 0
+        for step, (x, y) in enumerate(self._train_batches()):
+            if step >= steps:
+                break
+            self._set_lr(epoch, step, steps)
+            embedding = self._embed(x)
+            metric_loss = self.criterion(embedding, y)
+            separation = self.model.head.separation_loss()
+            loss = metric_loss + config.separation_weight * separation
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_value_(self.model.parameters(), 10)
+            torch.nn.utils.clip_grad_value_(self.criterion.parameters(), 10)
+            self.optimizer.step()
+            totals["loss"] += loss.item()
+            totals["proxy_anchor"] += metric_loss.item()
+            totals["separation"] += separation.item()
+            count += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{totals['loss'] / count:.4f}")
+        bar.close()
+        return {k: v / max(1, count) for k, v in totals.items()}
+
+    @torch.no_grad()
+    def validate(self) -> dict:
+        if self.val_set is None:
+            return {}
+        self.model.eval()
+        if self.config.mode == "tail":
+            grid = self.config.input_size // (self.model.spec.stride // 2)
+            features = self._cached("val", self.val_set)
+            out = []
+            for start in range(0, len(features), 128):
+                crop = D.center_crop(features[start : start + 128].float(), grid)
+                out.append(self.model.forward_tail(crop.to(self.device)).cpu())
+            embeddings = torch.cat(out).numpy()
+        else:
+            embeddings = embed_images(self.model, self.val_set, self.device, self.config.workers)
+        return retrieval_metrics(embeddings, np.array(self.val_set.labels))
+
+    def state(self) -> dict:
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "config": asdict(self.config),
+            "model": self.model.state_dict(),
+            "criterion": self.criterion.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "epoch": self.epoch,
+            "best": self.best,
+            "history": self.history,
+            "rng": {
+                "python": random.getstate(),
+                "numpy": np.random.get_state(),
+                "torch": torch.get_rng_state(),
+            },
+        }
+
+    def resume(self, path: Path) -> None:
+        state = load_checkpoint(path)
+        if "optimizer" not in state:
+            raise ValueError(f"{path}: holds model weights only, not a resumable training state")
+        self.model.load_state_dict(state["model"])
+        self.criterion.load_state_dict(state["criterion"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.epoch, self.best, self.history = state["epoch"], state["best"], state["history"]
+        random.setstate(state["rng"]["python"])
+        np.random.set_state(state["rng"]["numpy"])
+        torch.set_rng_state(state["rng"]["torch"])
+
+    def fit(self) -> Path:
+        config = self.config
+        best_path = self.out / "best.pt"
+        while self.epoch < config.epochs:
+            started = time.time()
+            losses = self.train_epoch()
+            val = self.validate()
+            record = {"epoch": self.epoch + 1, **losses, "val": val, "seconds": time.time() - started}
+            self.history.append(record)
+            improved = not val or val["R@1"] > self.best["val"].get("R@1", -1.0)
+            if improved:
+                self.best = {"epoch": self.epoch + 1, "val": val}
+            self.epoch += 1
+            state = self.state()
+            save_atomic(state, self.out / "last.pt")
+            if improved:
+                weights_only = {k: state[k] for k in ("format", "config", "model", "best")}
+                save_atomic(weights_only, best_path)
+            shown = ", ".join(f"{k} {v:.2f}" for k, v in val.items())
+            tqdm.write(
+                f"epoch {self.epoch}: loss {losses['loss']:.4f} | val {shown or '-'}"
+                + (" (best)" if improved else "")
+            )
+        report = {"best": self.best, "history": self.history, "config": asdict(config)}
+        if config.final_test:
+            report["test"] = self.final_test(best_path)
+        (self.out / "report.json").write_text(json.dumps(report, indent=2))
+        return best_path
+
+    def final_test(self, best_path: Path) -> dict:
+        """Test classes, once, with the selected checkpoint: never used for selection."""
+        self.model.load_state_dict(load_checkpoint(best_path)["model"])
+        results = {}
+        for root in config_roots(self.config):
+            test, _ = D.merge_datasets([root], "test")
+            embeddings = embed_images(self.model, test, self.device, self.config.workers)
+            results[Path(root).name] = retrieval_metrics(embeddings, np.array(test.labels))
+            tqdm.write(f"test {Path(root).name}: {results[Path(root).name]}")
+        return results
+
+
+def config_roots(config: TrainConfig) -> list[str]:
+    return list(config.datasets)
+
+
+def train(config: TrainConfig, resume: Path | None = None) -> Path:
+    trainer = Trainer(config)
+    if resume is not None:
+        trainer.resume(resume)
+    return trainer.fit()
