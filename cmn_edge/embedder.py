@@ -1,0 +1,180 @@
+"""Embedding images with a CMN ONNX graph: the runtime's core, onnxruntime + numpy only."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from . import preprocess as pp
+from .dataset import is_image_file
+from .metadata import (
+    INPUT_NAME,
+    OUTPUT_ATTENTION,
+    OUTPUT_EMBEDDING,
+    OUTPUT_SCORES,
+    MetadataError,
+    ModelMetadata,
+)
+from .registry import resolve_model_path
+
+
+class ModelError(ValueError):
+    """A model file that is not a usable CMN bundle."""
+
+
+@dataclass(frozen=True)
+class Embeddings:
+    """One batch of results; ``scores`` and ``attention`` only when asked for."""
+
+    embedding: np.ndarray  # [N, C] float32, unit rows
+    scores: np.ndarray | None = None  # [N, C] raw concept cosines
+    attention: np.ndarray | None = None  # [N, C, h, w], each map sums to 1
+
+
+class Embedder:
+    """Load a CMN model once, embed many images.
+
+    ``model`` is a bundled model name (the default model when None) or a path to an ``.onnx``
+    file; everything about preprocessing comes from that file's metadata.
+    """
+
+    def __init__(
+        self,
+        model: str | os.PathLike | None = None,
+        precision: str = "int8",
+        threads: int | None = None,
+    ) -> None:
+        self.path = resolve_model_path(model, precision)
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if threads:
+            options.intra_op_num_threads = int(threads)
+            options.inter_op_num_threads = 1
+        try:
+            self.session = ort.InferenceSession(
+                str(self.path), options, providers=["CPUExecutionProvider"]
+            )
+        except Exception as exc:  # onnxruntime raises its own untyped errors
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise ModelError(f"{self.path}: not a loadable ONNX model ({reason})") from None
+        props = self.session.get_modelmeta().custom_metadata_map
+        try:
+            self.metadata = ModelMetadata.from_props(props, str(self.path))
+        except MetadataError as exc:
+            raise ModelError(str(exc)) from None
+        names = {o.name for o in self.session.get_outputs()}
+        expected = {OUTPUT_EMBEDDING, OUTPUT_SCORES, OUTPUT_ATTENTION}
+        if not expected <= names or INPUT_NAME not in {i.name for i in self.session.get_inputs()}:
+            raise ModelError(
+                f"{self.path}: graph lacks the CMN inputs/outputs ({INPUT_NAME} -> "
+                f"{', '.join(sorted(expected))})"
+            )
+        self.preprocess = self.metadata.preprocess
+
+    @property
+    def num_concepts(self) -> int:
+        return self.metadata.num_concepts
+
+    @cached_property
+    def model_id(self) -> str:
+        """Name and content hash: an index refuses queries from any other model file."""
+        digest = hashlib.sha256()
+        with open(self.path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+        return f"{self.metadata.name}@{digest.hexdigest()[:16]}"
+
+    def run(self, batch: np.ndarray, outputs: Sequence[str] = (OUTPUT_EMBEDDING,)) -> list:
+        """The graph on an already preprocessed float32 batch [N, 3, H, W]."""
+        return self.session.run(list(outputs), {INPUT_NAME: batch})
+
+    def load(self, image: pp.ImageInput) -> np.ndarray:
+        return pp.load(image, self.preprocess)
+
+    def embed_batch(
+        self, images: Sequence[pp.ImageInput], with_scores: bool = False,
+        with_attention: bool = False,
+    ) -> Embeddings:
+        batch = np.stack([self.load(image) for image in images])
+        return self.embed_arrays(batch, with_scores, with_attention)
+
+    def embed_arrays(
+        self, batch: np.ndarray, with_scores: bool = False, with_attention: bool = False
+    ) -> Embeddings:
+        names = [OUTPUT_EMBEDDING]
+        if with_scores:
+            names.append(OUTPUT_SCORES)
+        if with_attention:
+            names.append(OUTPUT_ATTENTION)
+        values = dict(zip(names, self.run(batch, names)))
+        return Embeddings(
+            embedding=values[OUTPUT_EMBEDDING],
+            scores=values.get(OUTPUT_SCORES),
+            attention=values.get(OUTPUT_ATTENTION),
+        )
+
+    def embed(
+        self, images: pp.ImageInput | Iterable[pp.ImageInput], batch_size: int = 32
+    ) -> np.ndarray:
+        """float32 [N, C] unit-norm embeddings of paths, PIL images or arrays."""
+        if isinstance(images, (str, os.PathLike, np.ndarray)) or hasattr(images, "getpixel"):
+            if not (isinstance(images, np.ndarray) and images.ndim == 4):
+                images = [images]
+        chunks = [
+            self.embed_batch(chunk).embedding for chunk in _chunks(list(images), batch_size)
+        ]
+        if not chunks:
+            return np.zeros((0, self.num_concepts), dtype=np.float32)
+        return np.concatenate(chunks)
+
+    def explain(self, image: pp.ImageInput) -> Embeddings:
+        """Embedding, raw concept scores and attention maps of one image."""
+        return self.embed_batch([image], with_scores=True, with_attention=True)
+
+    def iter_folder(
+        self, folder: str | os.PathLike, batch_size: int = 32, skip_errors: bool = False,
+        errors: list[tuple[Path, str]] | None = None,
+    ) -> Iterator[tuple[list[Path], np.ndarray]]:
+        """(paths, embeddings) batches over every image below ``folder``, in sorted order.
+
+        With ``skip_errors`` unreadable files are left out and reported in ``errors``.
+        """
+        paths = list_images(folder)
+        yield from self.iter_paths(paths, batch_size, skip_errors, errors)
+
+    def iter_paths(
+        self, paths: Sequence[Path], batch_size: int = 32, skip_errors: bool = False,
+        errors: list[tuple[Path, str]] | None = None,
+    ) -> Iterator[tuple[list[Path], np.ndarray]]:
+        for chunk in _chunks(list(paths), batch_size):
+            kept, arrays = [], []
+            for path in chunk:
+                try:
+                    arrays.append(self.load(path))
+                    kept.append(Path(path))
+                except pp.ImageError as exc:
+                    if not skip_errors:
+                        raise
+                    if errors is not None:
+                        errors.append((Path(path), str(exc)))
+            if arrays:
+                yield kept, self.embed_arrays(np.stack(arrays)).embedding
+
+
+def list_images(folder: str | os.PathLike) -> list[Path]:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: folder not found")
+    return sorted(p for p in folder.rglob("*") if is_image_file(p))
+
+
+def _chunks(items: list, size: int) -> Iterator[list]:
+    for start in range(0, len(items), max(1, size)):
+        yield items[start : start + size]

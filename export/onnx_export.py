@@ -1,0 +1,94 @@
+"""ONNX export: one self-describing graph whose metadata is all the runtime needs."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import onnx
+import torch
+
+from cmn_edge.metadata import (
+    INPUT_NAME,
+    METADATA_KEY,
+    OUTPUT_ATTENTION,
+    OUTPUT_EMBEDDING,
+    OUTPUT_SCORES,
+    ModelMetadata,
+)
+
+from .model import CMN, ExportableCMN
+
+OPSET = 17
+
+
+def build_metadata(model: CMN, name: str, **fields) -> ModelMetadata:
+    input_size = int(getattr(model, "input_size", 224))
+    grid = input_size // model.spec.stride
+    return ModelMetadata(
+        name=name,
+        backbone=model.spec.name,
+        num_concepts=model.num_concepts,
+        attention_grid=(grid, grid),
+        preprocess=model.spec.preprocess(input_size),
+        **fields,
+    )
+
+
+def write_metadata(onnx_model: onnx.ModelProto, metadata: ModelMetadata) -> None:
+    """Replace the cmn_edge entry and add plain keys that generic ONNX tools display."""
+    plain = {
+        METADATA_KEY: metadata.to_json(),
+        "cmn_edge.format_version": str(metadata.format_version),
+        "cmn_edge.backbone": metadata.backbone,
+        "cmn_edge.num_concepts": str(metadata.num_concepts),
+        "cmn_edge.input_size": str(metadata.preprocess.input_size),
+        "cmn_edge.precision": metadata.precision,
+    }
+    kept = [p for p in onnx_model.metadata_props if p.key not in plain]
+    del onnx_model.metadata_props[:]
+    onnx_model.metadata_props.extend(kept)
+    for key, value in plain.items():
+        onnx_model.metadata_props.add(key=key, value=value)
+    onnx_model.producer_name = "cmn-export"
+    onnx_model.doc_string = f"CMN {metadata.name}: {metadata.backbone}, C={metadata.num_concepts}"
+
+
+def read_metadata(path: str | Path) -> ModelMetadata:
+    onnx_model = onnx.load(str(path), load_external_data=False)
+    props = {p.key: p.value for p in onnx_model.metadata_props}
+    return ModelMetadata.from_props(props, str(path))
+
+
+def export_onnx(model: CMN, path: str | Path, metadata: ModelMetadata) -> Path:
+    """Trace the inference graph (concept projections folded to constants), dynamic batch."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    exportable = ExportableCMN(model.cpu().eval()).eval()
+    size = metadata.preprocess.input_size
+    dummy = torch.randn(2, 3, size, size)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            exportable,
+            (dummy,),
+            str(tmp),
+            input_names=[INPUT_NAME],
+            output_names=[OUTPUT_EMBEDDING, OUTPUT_SCORES, OUTPUT_ATTENTION],
+            dynamic_axes={
+                INPUT_NAME: {0: "batch"},
+                OUTPUT_EMBEDDING: {0: "batch"},
+                OUTPUT_SCORES: {0: "batch"},
+                OUTPUT_ATTENTION: {0: "batch"},
+            },
+            opset_version=OPSET,
+            do_constant_folding=True,
+            dynamo=False,
+        )
+    onnx_model = onnx.load(str(tmp))
+    write_metadata(onnx_model, metadata)
+    onnx.checker.check_model(onnx_model)
+    onnx.save(onnx_model, str(tmp))
+    tmp.replace(path)
+    return path
