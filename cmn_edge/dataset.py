@@ -26,7 +26,8 @@ class Sample:
 
 
 def is_image_file(path: Path) -> bool:
-    return path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".")
+    suffix_ok = path.suffix.lower() in IMAGE_SUFFIXES
+    return suffix_ok and path.is_file() and not path.name.startswith(".")
 
 
 def load_samples(root: str | Path, split: str | None = None) -> list[Sample]:
@@ -74,7 +75,7 @@ def _read_manifest(manifest: Path) -> list[Sample]:
             try:
                 label = int(row["label"])
             except (TypeError, ValueError):
-                raise DatasetError(f"{manifest}:{line}: label {row['label']!r} is not an integer")
+                raise DatasetError(f"{manifest}:{line}: label {row['label']!r} is not an integer") from None
             samples.append(
                 Sample(manifest.parent / row["path"], label, row["class_name"], row["split"])
             )

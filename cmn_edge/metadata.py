@@ -101,7 +101,8 @@ class ModelMetadata:
             raise MetadataError(f"{source}: CMN metadata is malformed ({exc!r})") from exc
         if meta.concept_names and len(meta.concept_names) != meta.num_concepts:
             raise MetadataError(
-                f"{source}: {len(meta.concept_names)} concept names for {meta.num_concepts} concepts"
+                f"{source}: {len(meta.concept_names)} concept names for "
+                f"{meta.num_concepts} concepts"
             )
         if meta.preprocess.channel_order not in ("RGB", "BGR"):
             raise MetadataError(f"{source}: unknown channel order {meta.preprocess.channel_order}")

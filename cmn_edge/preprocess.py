@@ -17,7 +17,7 @@ from PIL import Image, ImageOps
 
 from .metadata import Preprocess
 
-ImageInput = Union[str, os.PathLike, Image.Image, np.ndarray]
+ImageInput = Union[str, os.PathLike, Image.Image, np.ndarray]  # noqa: UP007 (runtime alias)
 
 #: Refuse images above this many pixels (about 12k x 8k): decompression bombs.
 MAX_PIXELS = 100_000_000

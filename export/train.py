@@ -264,7 +264,8 @@ class Trainer:
             started = time.time()
             losses = self.train_epoch()
             val = self.validate()
-            record = {"epoch": self.epoch + 1, **losses, "val": val, "seconds": time.time() - started}
+            seconds = time.time() - started
+            record = {"epoch": self.epoch + 1, **losses, "val": val, "seconds": seconds}
             self.history.append(record)
             improved = not val or val["R@1"] > self.best["val"].get("R@1", -1.0)
             if improved:
