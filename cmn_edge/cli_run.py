@@ -1,3 +1,405 @@
-"""Placeholder: filled in by its own work item."""
+"""``cmn-edge embed``, ``cmn-edge eval`` and ``cmn-edge models``: the runtime's own commands."""
 
-COMMANDS: list = []
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import click
+import numpy as np
+
+from . import preprocess as pp
+from .cli_common import CliError, model_options, user_errors
+from .dataset import check_retrieval_ready, load_samples
+from .embedder import Embedder, list_images
+from .metrics import retrieval_metrics
+from .registry import BUNDLED, DEFAULT_MODEL, bundled_metrics, models_dir
+
+#: Below this many images a progress bar is more noise than help.
+PROGRESS_MIN_ITEMS = 64
+FORMATS = ("json", "npy", "csv")
+
+
+# --------------------------------------------------------------------------------------------
+# helpers
+
+
+def _progress(items: list, label: str):
+    """A progress bar on stderr, only for an interactive terminal and a long job.
+
+    click prints the label once on a non-terminal; scripts and tests read stderr for the one
+    error line, so the bar stays out of their way entirely.
+    """
+    if len(items) >= PROGRESS_MIN_ITEMS and sys.stderr.isatty():
+        return click.progressbar(length=len(items), label=label, file=sys.stderr)
+    return contextlib.nullcontext(None)
+
+
+def _expand_inputs(photos: tuple[str, ...]) -> list[Path]:
+    """Files as given, folders replaced by the images below them (sorted, recursive)."""
+    paths: list[Path] = []
+    for item in photos:
+        path = Path(item)
+        if path.is_dir():
+            paths.extend(list_images(path))
+        else:
+            paths.append(path)  # a missing or unreadable file is reported when it is decoded
+    if not paths:
+        raise CliError(f"{', '.join(photos)}: no images found")
+    return paths
+
+
+@contextlib.contextmanager
+def _atomic_output(target: Path | None, binary: bool) -> Iterator[io.IOBase]:
+    """Write into a temporary file beside ``target`` and rename it over only on success.
+
+    A crash, an interrupt or an error half-way leaves any earlier file untouched and no
+    partial file behind. Without a target the stream is stdout.
+    """
+    if target is None:
+        if binary:
+            if sys.stdout.isatty():
+                raise CliError("npy output is binary: give --output FILE or redirect stdout")
+            yield sys.stdout.buffer
+            sys.stdout.buffer.flush()
+        else:
+            yield sys.stdout
+            sys.stdout.flush()
+        return
+    directory = target.parent if str(target.parent) else Path(".")
+    handle = tempfile.NamedTemporaryFile(
+        mode="wb" if binary else "w",
+        dir=directory,
+        prefix=f".{target.name}.",
+        suffix=".tmp",
+        delete=False,
+        **({} if binary else {"encoding": "utf-8", "newline": ""}),
+    )
+    try:
+        with handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(handle.name, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(handle.name)
+        raise
+
+
+def _check_output_target(output: Path | None) -> None:
+    """Fail before the (possibly long) embedding run, not after it."""
+    if output is None:
+        return
+    if output.is_dir():
+        raise CliError(f"{output}: output is a directory")
+    parent = output.parent if str(output.parent) else Path(".")
+    if not parent.is_dir():
+        raise CliError(f"{output}: output folder {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise CliError(f"{output}: output folder {parent} is not writable")
+
+
+def _floats(row: np.ndarray) -> list[float]:
+    """float32 values as the shortest decimals that read back to the same float32."""
+    return [float(f"{v:.9g}") for v in row.tolist()]
+
+
+def _reason(path: Path, message: str) -> str:
+    prefix = f"{path}: "
+    return message[len(prefix) :] if message.startswith(prefix) else message
+
+
+# --------------------------------------------------------------------------------------------
+# embed
+
+
+@click.command("embed", short_help="Embed photos or folders into concept space.")
+@click.argument("photos", nargs=-1, required=True, type=click.Path(path_type=str))
+@model_options
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(FORMATS),
+    default=None,
+    help="Output format; default from the --output suffix, else json.",
+)
+@click.option(
+    "--output", "-o", type=click.Path(dir_okay=False, path_type=Path), default=None,
+    help="Write here (atomically) instead of stdout.",
+)
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option(
+    "--skip-errors", is_flag=True,
+    help="Leave out files that cannot be decoded, list them on stderr (and in json 'errors').",
+)
+@click.option(
+    "--scores", is_flag=True,
+    help="Also output the raw concept scores (json: per item; csv: extra columns).",
+)
+@user_errors
+def embed(
+    photos: tuple[str, ...],
+    model: str | None,
+    precision: str,
+    threads: int | None,
+    fmt: str | None,
+    output: Path | None,
+    batch_size: int,
+    skip_errors: bool,
+    scores: bool,
+) -> None:
+    """Embed PHOTOS (files or folders, searched recursively) into concept space.
+
+    Each row is L2-normalised; dimension i measures how present concept i is. A file that
+    cannot be decoded stops the run with one error line and nothing written. With
+    --skip-errors the rest are embedded and the failures listed; the exit status is then 0 if
+    at least one image was embedded, 1 if none was. npy rows follow the input order (folders
+    in sorted order) minus the failures listed on stderr.
+    """
+    if fmt is None:
+        suffix = output.suffix.lower().lstrip(".") if output is not None else ""
+        fmt = suffix if suffix in FORMATS else "json"
+    if fmt == "npy" and scores:
+        raise click.UsageError("--scores needs --format json or csv (npy holds one array)")
+    _check_output_target(output)
+    paths = _expand_inputs(photos)
+    embedder = Embedder(model, precision=precision, threads=threads)
+
+    kept: list[Path] = []
+    embeddings: list[np.ndarray] = []
+    concept_scores: list[np.ndarray] = []
+    errors: list[tuple[Path, str]] = []
+    with _progress(paths, "embedding") as bar:
+        for start in range(0, len(paths), batch_size):
+            chunk = paths[start : start + batch_size]
+            arrays = []
+            for path in chunk:
+                try:
+                    arrays.append(embedder.load(path))
+                    kept.append(path)
+                except pp.ImageError as exc:
+                    if not skip_errors:
+                        raise
+                    errors.append((path, _reason(path, str(exc))))
+                    click.echo(f"error: {path}: {errors[-1][1]}", err=True)
+            if arrays:
+                result = embedder.embed_arrays(np.stack(arrays), with_scores=scores)
+                embeddings.append(result.embedding)
+                if scores:
+                    concept_scores.append(result.scores)
+            if bar is not None:
+                bar.update(len(chunk))
+    if not kept:
+        raise CliError(f"no image could be embedded ({len(errors)} failed)")
+    matrix = np.concatenate(embeddings).astype(np.float32, copy=False)
+    score_matrix = np.concatenate(concept_scores) if scores else None
+
+    with _atomic_output(output, binary=fmt == "npy") as out:
+        if fmt == "npy":
+            np.save(out, matrix)
+        elif fmt == "csv":
+            _write_csv(out, embedder, kept, matrix, score_matrix)
+        else:
+            _write_json(out, embedder, kept, matrix, score_matrix, errors)
+    if errors:
+        click.echo(f"embedded {len(kept)} of {len(paths)} images; {len(errors)} skipped", err=True)
+
+
+def _write_json(out, embedder, kept, matrix, score_matrix, errors) -> None:
+    items = []
+    for i, path in enumerate(kept):
+        item = {"path": str(path), "embedding": _floats(matrix[i])}
+        if score_matrix is not None:
+            item["scores"] = _floats(score_matrix[i])
+        items.append(item)
+    document = {
+        "model": embedder.model_id,
+        "precision": embedder.metadata.precision,
+        "num_concepts": embedder.num_concepts,
+        "items": items,
+        "errors": [{"path": str(p), "error": reason} for p, reason in errors],
+    }
+    json.dump(document, out)
+    out.write("\n")
+
+
+def _write_csv(out, embedder, kept, matrix, score_matrix) -> None:
+    count = embedder.num_concepts
+    names = list(embedder.metadata.concept_names) or [f"c{i}" for i in range(count)]
+    header = ["path", *names]
+    if score_matrix is not None:
+        header += [f"score_{name}" for name in names]
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(header)
+    for i, path in enumerate(kept):
+        row = [str(path), *(f"{v:.9g}" for v in matrix[i].tolist())]
+        if score_matrix is not None:
+            row += [f"{v:.9g}" for v in score_matrix[i].tolist()]
+        writer.writerow(row)
+
+
+# --------------------------------------------------------------------------------------------
+# eval
+
+
+@click.command("eval", short_help="Recall@K and MAP@R of a labelled dataset.")
+@click.argument("dataset", type=click.Path(path_type=Path))
+@click.option(
+    "--split", default="test", show_default=True,
+    help="Manifest split to evaluate ('all' for every row); an ImageFolder tree is one split.",
+)
+@model_options
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option(
+    "--limit-per-class", type=click.IntRange(min=2), default=None,
+    help="Use at most this many images of each class (a quick check).",
+)
+@user_errors
+def eval_(
+    dataset: Path,
+    split: str,
+    model: str | None,
+    precision: str,
+    threads: int | None,
+    as_json: bool,
+    batch_size: int,
+    limit_per_class: int | None,
+) -> None:
+    """Recall@1/2/4/8 and MAP@R of a labelled DATASET, leave-one-out over one split.
+
+    DATASET is a folder with manifest.csv (path,label,class_name,split) or an ImageFolder
+    tree (<class>/<image>). Every image of the split queries all the others.
+    """
+    samples = load_samples(dataset, split)
+    if limit_per_class is not None:
+        seen: dict[int, int] = {}
+        limited = []
+        for sample in samples:
+            seen[sample.label] = seen.get(sample.label, 0) + 1
+            if seen[sample.label] <= limit_per_class:
+                limited.append(sample)
+        samples = limited
+    check_retrieval_ready(samples, dataset)
+    embedder = Embedder(model, precision=precision, threads=threads)
+
+    started = time.perf_counter()
+    paths = [s.path for s in samples]
+    chunks = []
+    with _progress(paths, "evaluating") as bar:
+        for chunk_paths, chunk in embedder.iter_paths(paths, batch_size):
+            chunks.append(chunk)
+            if bar is not None:
+                bar.update(len(chunk_paths))
+    matrix = np.concatenate(chunks)
+    labels = np.asarray([s.label for s in samples])
+    metrics = retrieval_metrics(matrix, labels)
+    seconds = time.perf_counter() - started
+
+    split_name = samples[0].split if len({s.split for s in samples}) == 1 else split
+    result = {
+        "model": embedder.model_id,
+        "precision": embedder.metadata.precision,
+        "dataset": str(dataset),
+        "split": split_name,
+        "count": len(samples),
+        "classes": len({s.label for s in samples}),
+        "seconds": round(seconds, 3),
+        "metrics": {k: round(v, 4) for k, v in metrics.items()},
+    }
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+        return
+    click.echo(
+        f"{result['model']} ({result['precision']}) on {dataset} [{split_name}]: "
+        f"{result['count']} images, {result['classes']} classes, {seconds:.1f} s"
+    )
+    names = list(result["metrics"])
+    click.echo("  ".join(f"{name:>7}" for name in names))
+    click.echo("  ".join(f"{result['metrics'][name]:7.2f}" for name in names))
+
+
+# --------------------------------------------------------------------------------------------
+# models
+
+
+@click.command("models", short_help="The bundled models, their files and metrics.")
+@click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
+@user_errors
+def models(as_json: bool) -> None:
+    """The bundled models, their files and the metrics recorded in their model card."""
+    folder = models_dir()
+    listing = []
+    for bundled in BUNDLED:
+        files = []
+        for precision, filename in bundled.files:
+            path = folder / filename
+            files.append(
+                {
+                    "precision": precision,
+                    "file": filename,
+                    "path": str(path),
+                    "exists": path.is_file(),
+                    "bytes": path.stat().st_size if path.is_file() else None,
+                }
+            )
+        metrics_error = None
+        try:
+            metrics = bundled_metrics(bundled)
+        except (OSError, ValueError) as exc:
+            metrics, metrics_error = {}, f"{folder / bundled.metrics}: unreadable ({exc})"
+        if isinstance(metrics, dict) and isinstance(metrics.get(bundled.name), dict):
+            metrics = metrics[bundled.name]
+        card = folder / bundled.card
+        listing.append(
+            {
+                "name": bundled.name,
+                "default": bundled.name == DEFAULT_MODEL,
+                "description": bundled.description,
+                "files": files,
+                "model_card": str(card) if card.is_file() else None,
+                "metrics": metrics,
+                "metrics_error": metrics_error,
+            }
+        )
+    if as_json:
+        click.echo(json.dumps({"models_dir": str(folder), "models": listing}, indent=2))
+        return
+    click.echo(f"models folder: {folder}")
+    for entry in listing:
+        default = " (default)" if entry["default"] else ""
+        click.echo(f"\n{entry['name']}{default}: {entry['description']}")
+        for f in entry["files"]:
+            size = f"{f['bytes'] / 1e6:8.1f} MB" if f["exists"] else "     missing"
+            click.echo(f"  {f['precision']:5} {size}  {f['file']}")
+        if entry["model_card"]:
+            click.echo(f"  model card: {entry['model_card']}")
+        if entry["metrics_error"]:
+            click.echo(f"  metrics: {entry['metrics_error']}")
+        elif not entry["metrics"]:
+            click.echo(f"  metrics: none recorded (no {folder / 'metrics.json'})")
+        else:
+            click.echo("  metrics:")
+            for key, value in _flatten(entry["metrics"]):
+                click.echo(f"    {key}: {value}")
+
+
+def _flatten(value: object, prefix: str = "") -> Iterator[tuple[str, object]]:
+    """Nested metrics as dotted keys, so any layout of metrics.json prints readably."""
+    if isinstance(value, dict):
+        for key, inner in value.items():
+            yield from _flatten(inner, f"{prefix}.{key}" if prefix else str(key))
+    else:
+        yield prefix, value
+
+
+COMMANDS = [embed, eval_, models]
