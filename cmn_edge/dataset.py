@@ -75,7 +75,9 @@ def _read_manifest(manifest: Path) -> list[Sample]:
             try:
                 label = int(row["label"])
             except (TypeError, ValueError):
-                raise DatasetError(f"{manifest}:{line}: label {row['label']!r} is not an integer") from None
+                raise DatasetError(
+                    f"{manifest}:{line}: label {row['label']!r} is not an integer"
+                ) from None
             samples.append(
                 Sample(manifest.parent / row["path"], label, row["class_name"], row["split"])
             )
