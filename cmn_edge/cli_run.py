@@ -38,9 +38,13 @@ def _progress(items: list, label: str):
     click prints the label once on a non-terminal; scripts and tests read stderr for the one
     error line, so the bar stays out of their way entirely.
     """
-    if len(items) >= PROGRESS_MIN_ITEMS and sys.stderr.isatty():
+    if len(items) >= PROGRESS_MIN_ITEMS and _interactive():
         return click.progressbar(length=len(items), label=label, file=sys.stderr)
     return contextlib.nullcontext(None)
+
+
+def _interactive() -> bool:
+    return sys.stderr.isatty()
 
 
 def _expand_inputs(photos: tuple[str, ...]) -> list[Path]:
@@ -133,16 +137,21 @@ def _reason(path: Path, message: str) -> str:
     help="Output format; default from the --output suffix, else json.",
 )
 @click.option(
-    "--output", "-o", type=click.Path(dir_okay=False, path_type=Path), default=None,
+    "--output",
+    "-o",
+    type=click.Path(path_type=Path),
+    default=None,
     help="Write here (atomically) instead of stdout.",
 )
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
 @click.option(
-    "--skip-errors", is_flag=True,
+    "--skip-errors",
+    is_flag=True,
     help="Leave out files that cannot be decoded, list them on stderr (and in json 'errors').",
 )
 @click.option(
-    "--scores", is_flag=True,
+    "--scores",
+    is_flag=True,
     help="Also output the raw concept scores (json: per item; csv: extra columns).",
 )
 @user_errors
@@ -254,14 +263,18 @@ def _write_csv(out, embedder, kept, matrix, score_matrix) -> None:
 @click.command("eval", short_help="Recall@K and MAP@R of a labelled dataset.")
 @click.argument("dataset", type=click.Path(path_type=Path))
 @click.option(
-    "--split", default="test", show_default=True,
+    "--split",
+    default="test",
+    show_default=True,
     help="Manifest split to evaluate ('all' for every row); an ImageFolder tree is one split.",
 )
 @model_options
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
 @click.option(
-    "--limit-per-class", type=click.IntRange(min=2), default=None,
+    "--limit-per-class",
+    type=click.IntRange(min=2),
+    default=None,
     help="Use at most this many images of each class (a quick check).",
 )
 @user_errors

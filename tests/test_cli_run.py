@@ -195,6 +195,7 @@ def test_embed_skip_errors_in_a_folder(labelled_folder, tmp_path):
 
 def test_embed_bad_output_target(photos, tmp_path):
     assert_one_line_error(run("embed", photos["cat"], "-o", tmp_path / "no" / "x.json"), "no")
+    assert_one_line_error(run("embed", photos["cat"], "-o", tmp_path), "is a directory")
     assert_one_line_error(run("embed", tmp_path / "empty_folder_missing"), "not found")
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -351,3 +352,20 @@ def test_models_with_metrics_and_broken_metrics(monkeypatch, tmp_path, embedder)
     result = run("models")
     assert result.exit_code == 0
     assert "metrics.json: unreadable" in result.stdout
+
+
+def test_progress_bar_goes_to_stderr_only(monkeypatch, labelled_folder, embedder):
+    """On a terminal a long job shows a bar; it must never end up in the data on stdout."""
+    from cmn_edge import cli_run
+
+    monkeypatch.setattr(cli_run, "_interactive", lambda: True)
+    monkeypatch.setattr(cli_run, "PROGRESS_MIN_ITEMS", 4)
+    result = run("embed", labelled_folder, "--format", "npy", "--batch-size", 4)
+    assert result.exit_code == 0, result.output
+    assert "embedding" in result.stderr
+    assert np.load(io.BytesIO(result.stdout_bytes)).shape == (15, embedder.num_concepts)
+    result = run("eval", labelled_folder, "--json")
+    assert "evaluating" in result.stderr
+    assert json.loads(result.stdout)["count"] == 15
+    monkeypatch.setattr(cli_run, "_interactive", lambda: False)
+    assert run("embed", labelled_folder, "--format", "npy").stderr == ""
