@@ -51,7 +51,7 @@ class _Pending:
     mtime_ns: int
     changed_at: float  # clock time of the last change in (size, mtime)
     tried_at: float | None = None  # last hand-out of this version of the file
-    errors: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)  # failed reads of this version
 
 
 class FrameQueue:
@@ -106,7 +106,7 @@ class FrameQueue:
                 self.pending[path] = _Pending(size, mtime_ns, now)
             elif (state.size, state.mtime_ns) != (size, mtime_ns):
                 state.size, state.mtime_ns, state.changed_at = size, mtime_ns, now
-                state.tried_at = None
+                state.tried_at, state.errors = None, []
         for gone in [p for p in self.pending if p not in found]:
             del self.pending[gone]  # deleted before it was finished: nothing to do
         out = []
@@ -231,13 +231,13 @@ class Watcher:
             if self.frames.failed(path, reason):
                 log.warning("CORRUPT %s: still unreadable after %.0fs unchanged (%s); skipped",
                             path.name, self.args.give_up, reason)
-            elif self.frames.pending[path].errors == [reason]:  # say it once per version
+            elif len(self.frames.pending[path].errors) == 1:  # once per version of the file
                 log.info("not readable yet: %s (%s); will retry", path.name, reason)
             return
-        stat = path.stat()
+        captured_ns = self.frames.pending[path].mtime_ns
         item_id = self.index.add(
             vector[None, :], [str(path.resolve())],
-            [{"source": "camera", "captured_ns": stat.st_mtime_ns}],
+            [{"source": "camera", "captured_ns": captured_ns}],
         )[0]
         self.frames.finished(path)
         self.unsaved += 1
@@ -247,11 +247,16 @@ class Watcher:
                         path.name, label, score, self.args.threshold)
 
     def save(self) -> None:
-        if self.unsaved:
-            self.index.save()
-            log.info("saved index %s (%d items)", self.args.index, len(self.index))
-            self.unsaved = 0
         self.saved_at = time.monotonic()
+        if not self.unsaved:
+            return
+        try:
+            self.index.save()
+        except (OSError, ConceptIndexError) as exc:  # disk full, read-only mount: try later
+            log.error("could not save index %s (%s); will retry", self.args.index, exc)
+            return
+        log.info("saved index %s (%d items)", self.args.index, len(self.index))
+        self.unsaved = 0
 
     def run(self) -> None:
         ignored = ", ".join(self.args.ignore_concept) or "none"
@@ -260,8 +265,16 @@ class Watcher:
             "ignoring concepts: %s", self.args.folder, self.args.index, len(self.index),
             self.embedder.model_id, len(self.watch.labels), self.args.threshold, ignored,
         )
+        folder_error = None
         while self.stop_reason is None:
-            for path in self.frames.ready():
+            try:
+                ready = self.frames.ready()
+                folder_error = None
+            except OSError as exc:  # an unmounted card or share: wait for it to come back
+                if str(exc) != folder_error:
+                    log.error("cannot read %s (%s); will retry", self.args.folder, exc)
+                folder_error, ready = str(exc), []
+            for path in ready:
                 if self.stop_reason is not None:
                     break
                 self.process(path)

@@ -55,6 +55,8 @@ def open_index(index_dir: Path, model: str | None, precision: str | None, thread
         threads=threads,
     )
     index.check_model(embedder.model_id)
+    if len(index) == 0:
+        raise ConceptIndexError(f"{index_dir}: the index is empty; add photos to it first")
     return index, embedder
 
 
