@@ -6,14 +6,38 @@ import json
 from pathlib import Path
 
 import click
+import numpy as np
+from click.core import ParameterSource
 
 from .cli_common import CliError, model_options, user_errors
 
 
-def _embedder(model: str | None, precision: str, threads: int | None):
+def _embedder(model: str | None, precision: str, threads: int | None, index=None):
+    """The model asked for; with an index, by default the model that built it (and only it).
+
+    Concept i of one model means nothing in another, so names saved in an index are refused
+    for a different model instead of being shown on the wrong concepts.
+    """
     from .embedder import Embedder
 
-    return Embedder(model, precision=precision, threads=threads)
+    if index is not None:
+        ctx = click.get_current_context()
+        if model is None and index.model_ref:
+            model = index.model_ref
+        if ctx.get_parameter_source("precision") in (
+            ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP,
+        ) and index.precision:
+            precision = index.precision
+    embedder = Embedder(model, precision=precision, threads=threads)
+    if index is not None:
+        index.check_model(embedder.model_id)
+    return embedder
+
+
+def _load_index(index_dir: Path):
+    from .index import ConceptIndex
+
+    return ConceptIndex.load(index_dir)
 
 
 def _format_share(share: float | None) -> str:
@@ -58,8 +82,9 @@ def explain(
     """
     from .explain import explain as run_explain
 
-    embedder = _embedder(model, precision, threads)
-    names = _index_names(index_dir, embedder) if index_dir is not None else None
+    index = _load_index(index_dir) if index_dir is not None else None
+    embedder = _embedder(model, precision, threads, index)
+    names = index.concept_names if index is not None else None
     if heatmap is not None and not heatmap.parent.is_dir():
         raise CliError(f"{heatmap}: folder {heatmap.parent} does not exist")
     result = run_explain(image_a, image_b, embedder, top=top, names=names)
@@ -79,9 +104,95 @@ def explain(
         click.echo(f"wrote {heatmap}")
 
 
-def _index_names(index_dir: Path, embedder) -> dict[int, str]:
-    """Concept names saved in a concept index built with the same model."""
-    raise CliError(f"{index_dir}: concept indexes are not available yet")
+@click.group(invoke_without_command=True)
+@click.option("--index", "index_dir", type=click.Path(path_type=Path), default=None,
+              help="The concept index whose gallery shows the concepts.")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("concepts.html"),
+              show_default=True,
+              help="A .html file (images inline) or a folder (index.html + images/, better "
+              "for many concepts).")
+@click.option("--per-concept", type=click.IntRange(min=1, max=100), default=6, show_default=True,
+              help="Images per concept.")
+@click.option("--concepts", "spec", default=None, metavar="N|LIST",
+              help="The first N concepts, or ids like 3,17,100-110 (one id: 17,). Default: all.")
+@click.option("--unnamed", is_flag=True, help="Only concepts without a name yet.")
+@model_options
+@click.pass_context
+@user_errors
+def concepts(
+    ctx: click.Context, index_dir: Path | None, out: Path, per_concept: int, spec: str | None,
+    unnamed: bool, model: str | None, precision: str, threads: int | None,
+) -> None:
+    """A catalogue of concepts: each one's strongest gallery images and where it looks.
+
+    Open the HTML, see what a concept's images share, and name it with
+    `cmn-edge concepts name --index DIR CONCEPT NAME`; names then work wherever a concept is
+    asked for (search controls, explain --index).
+    """
+    if ctx.invoked_subcommand is not None:
+        return
+    if index_dir is None:
+        raise CliError("--index DIR is required (the concept index to draw the gallery from)")
+    from . import catalogue
+
+    catalogue.check_out(out)
+    index = _load_index(index_dir)
+    if len(index) == 0:
+        raise CliError(f"{index_dir}: index is empty")
+    embedder = _embedder(model, precision, threads, index)
+    chosen = catalogue.parse_concepts(spec, index.num_concepts)
+    names = index.concept_names
+    if unnamed:
+        chosen = [c for c in chosen if c not in names]
+        if not chosen:
+            raise CliError(f"{index_dir}: every chosen concept is named already")
+    ids = index.ids
+    embeddings = np.stack([index.embedding(i) for i in ids])
+    paths = _LazyPaths(index, ids)
+    name_list = [names.get(c) for c in range(index.num_concepts)]
+    result = catalogue.build(
+        embedder, ids, paths, embeddings, chosen, per_concept, name_list, source=str(index_dir),
+    )
+    written = catalogue.write(result, out)
+    tiles = sum(len(card.tiles) for card in result.cards)
+    click.echo(f"wrote {written}: {len(result.cards)} concepts, {tiles} images")
+    for line in result.missing:
+        click.echo(f"warning: {line}", err=True)
 
 
-COMMANDS = [explain]
+class _LazyPaths:
+    """Item paths looked up only for the images a catalogue shows, not the whole gallery."""
+
+    def __init__(self, index, ids: list[int]) -> None:
+        self.index, self.ids = index, ids
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, row: int) -> str:
+        path, _meta = self.index.item(self.ids[row])
+        return path if path is not None else f"item {self.ids[row]} (no path)"
+
+
+@concepts.command("name")
+@click.option("--index", "index_dir", type=click.Path(path_type=Path), required=True,
+              help="The concept index whose names to change.")
+@click.argument("concept")
+@click.argument("name", required=False)
+@click.option("--clear", is_flag=True, help="Remove the concept's name instead.")
+@user_errors
+def name_concept(index_dir: Path, concept: str, name: str | None, clear: bool) -> None:
+    """Give CONCEPT (an index, or its current name) the name NAME, saved in the index."""
+    if clear == (name is not None):
+        raise CliError("give either a NAME or --clear")
+    index = _load_index(index_dir)
+    number = index.resolve_concept(concept)
+    index.set_concept_name(number, None if clear else name)
+    index.save()
+    if clear:
+        click.echo(f"concept {number}: name cleared")
+    else:
+        click.echo(f"concept {number}: {index.concept_names[number]}")
+
+
+COMMANDS = [explain, concepts]

@@ -23,7 +23,7 @@ from . import preprocess as pp
 if TYPE_CHECKING:
     from .embedder import Embedder
 
-#: Below this |score| the share of a term (contribution / score) is undefined: reported None.
+#: At or below this score, shares (contribution / score) are undefined: reported as None.
 SHARE_EPS = 1e-6
 
 ConceptNames = Mapping[int, str] | Sequence[str | None]
@@ -39,14 +39,14 @@ def concept_contributions(query: np.ndarray, item: np.ndarray) -> np.ndarray:
 
 
 def share_of(contribution: float, score: float) -> float | None:
-    """``contribution / score``: the fraction of the score one concept accounts for.
+    """``contribution / score``: the fraction of a positive score one concept accounts for.
 
     Over all concepts the shares sum to 1. Terms can be negative (concept scores are cosines),
-    so a share can be negative (the concept pulls the pair apart) or above 1 (others cancel
-    out). When the score itself is negative, a negative term has a positive share: it is part
-    of what makes the score negative. Undefined (None) when |score| < SHARE_EPS.
+    so a share can be negative (the concept pulls the pair apart) or above 1 (negative terms
+    cancel part of it). A share of a score at or below SHARE_EPS would read backwards (a
+    "large share" of a negative similarity), so it is undefined there: None.
     """
-    if abs(score) < SHARE_EPS:
+    if not score > SHARE_EPS:
         return None
     return float(contribution) / float(score)
 
@@ -151,7 +151,7 @@ class Explanation:
             "num_concepts": self.num_concepts,
             "input_size": self.input_size,
             "attention_grid": list(self.a.grid),
-            "share": "contribution / score",
+            "share": f"contribution / score (null when score <= {SHARE_EPS:g})",
             "a": side(self.a),
             "b": side(self.b),
             "top": [entry(r, t) for r, t in enumerate(self.top, 1)],

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
-from .explain import Explanation
+from .explain import SHARE_EPS, Explanation
 
 #: 20 colours chosen to stay distinct from each other (Sasha Trubetskoy's list), most
 #: distinct first; concepts beyond 20 reuse them.
@@ -162,7 +162,7 @@ def pair_figure(explanation: Explanation, top: int | None = None, scale: int = 2
     # Header: the score and what each panel is.
     explained = sum(t.contribution for t in terms)
     head = f"similarity {explanation.score:+.4f}"
-    if terms and abs(explanation.score) >= 1e-6:
+    if terms and explanation.score > SHARE_EPS:
         fraction = explained / explanation.score
         head += f"   top {len(terms)} concepts: {explained:+.4f} ({fraction:.0%})"
     head += f"   {explanation.model_id}"

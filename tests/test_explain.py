@@ -45,15 +45,19 @@ def test_top_are_the_largest_terms_and_shares_are_fractions_of_the_score(cat_cof
     assert values[-1] >= float(np.sort(x.contributions)[-10]) - 1e-12
     for t in x.top:
         assert t.contribution == pytest.approx(float(x.contributions[t.index]))
-        assert t.share == pytest.approx(t.contribution / x.score)
-    all_shares = [share_of(float(c), x.score) for c in x.contributions]
-    assert sum(all_shares) == pytest.approx(1.0, abs=1e-6)
+        assert t.share == (pytest.approx(t.contribution / x.score) if x.score > 1e-6 else None)
+    if x.score > 1e-6:
+        all_shares = [share_of(float(c), x.score) for c in x.contributions]
+        assert sum(all_shares) == pytest.approx(1.0, abs=1e-6)
+    else:
+        assert all(t.share is None for t in x.top)
     assert all(t.contribution < 0 for t in x.against)
     against = [t.contribution for t in x.against]
     assert against == sorted(against)
     if x.against:
         assert against[0] == pytest.approx(float(x.contributions.min()))
-    assert share_of(0.1, 0.0) is None
+    assert share_of(0.1, 0.0) is None and share_of(-0.1, -0.5) is None
+    assert share_of(-0.1, 0.5) == pytest.approx(-0.2)
 
 
 def test_excluding_the_top_concept_lowers_the_score_by_its_contribution(
@@ -188,3 +192,184 @@ def test_cli_heatmap_into_missing_folder_is_refused(photos, tmp_path) -> None:
     result = _run(str(photos["cat"]), str(photos["coffee"]), "--heatmap", str(out))
     assert result.exit_code != 0 and "does not exist" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+# --- with a concept index: exclusion, names, catalogue --------------------------------------
+
+
+@pytest.fixture(scope="module")
+def gallery(photos, mirrored_cat, embedder, tmp_path_factory):
+    """A saved index of the real photos (and a mirrored cat): (dir, paths, embeddings)."""
+    from cmn_edge.index import ConceptIndex
+
+    folder = tmp_path_factory.mktemp("gallery")
+    paths = []
+    for name, path in sorted(photos.items()):
+        copy = folder / f"{name}.jpg"
+        copy.write_bytes(path.read_bytes())
+        paths.append(copy)
+    mirrored = folder / "cat_mirrored.jpg"
+    mirrored.write_bytes(mirrored_cat.read_bytes())
+    paths.append(mirrored)
+    embeddings = embedder.embed(paths)
+    index = ConceptIndex.for_embedder(embedder)
+    index.add(embeddings, [str(p) for p in paths])
+    root = tmp_path_factory.mktemp("index") / "idx"
+    index.save(root)
+    return root, paths, embeddings
+
+
+def test_index_exclusion_of_the_top_concept_removes_exactly_its_term(
+    photos, embedder, gallery
+) -> None:
+    from cmn_edge.index import ConceptIndex
+
+    root, paths, _ = gallery
+    index = ConceptIndex.load(root)
+    query = embedder.embed(photos["cat"])[0]
+    for target in paths:
+        x = explain(photos["cat"], target, embedder, top=1)
+        best = x.top[0]
+        hits = index.search(query, k=len(paths), exact=True, exclude=[best.index])
+        score = next(h.score for h in hits if h.path == str(target))
+        assert score == pytest.approx(x.score - best.contribution, abs=1e-5)
+
+
+def _cli(*args: str):
+    return CliRunner().invoke(main, list(args))
+
+
+def test_concept_names_round_trip_through_the_index(photos, gallery) -> None:
+    from cmn_edge.index import ConceptIndex
+
+    root, paths, _ = gallery
+    pair = (str(photos["cat"]), str(paths[-1]))  # the cat and its mirror image
+    plain = json.loads(_cli("explain", *pair, "--json", "--top", "2", "--threads", "2").stdout)
+    best = plain["top"][0]["concept"]
+    assert plain["top"][0]["name"] is None
+
+    named = _cli("concepts", "name", "--index", str(root), str(best), "tabby fur")
+    assert named.exit_code == 0, named.output
+    assert ConceptIndex.load(root).concept_names[best] == "tabby fur"
+    # the name now stands for the concept wherever the index takes one
+    assert ConceptIndex.load(root).resolve_concept("tabby fur") == best
+
+    document = json.loads(
+        _cli("explain", *pair, "--json", "--top", "2", "--index", str(root)).stdout
+    )
+    assert document["top"][0]["concept"] == best
+    assert document["top"][0]["name"] == "tabby fur"
+    assert document["top"][1]["name"] is None
+    text = _cli("explain", *pair, "--top", "2", "--index", str(root))
+    assert text.exit_code == 0, text.output
+    assert any(line.split()[1] == str(best) and line.endswith("tabby fur")
+               for line in text.stdout.splitlines() if line.startswith("  "))
+
+    renamed = _cli("concepts", "name", "--index", str(root), "tabby fur", "fur")
+    assert renamed.exit_code == 0 and ConceptIndex.load(root).concept_names[best] == "fur"
+    cleared = _cli("concepts", "name", "--index", str(root), str(best), "--clear")
+    assert cleared.exit_code == 0 and best not in ConceptIndex.load(root).concept_names
+
+
+def test_strongest_rows_and_concept_specs(gallery) -> None:
+    from cmn_edge.catalogue import parse_concepts, strongest
+
+    _, _, embeddings = gallery
+    for concept in (0, 7, embeddings.shape[1] - 1):
+        rows = strongest(embeddings, concept, 3)
+        column = embeddings[:, concept]
+        assert list(column[rows]) == sorted(column, reverse=True)[:3]
+    assert len(strongest(embeddings, 0, 100)) == len(embeddings)
+    assert parse_concepts("3", 512) == [0, 1, 2]
+    assert parse_concepts("17,", 512) == [17]
+    assert parse_concepts("5,2-4,5", 512) == [5, 2, 3, 4]
+    assert parse_concepts(None, 4) == [0, 1, 2, 3]
+    for bad in ("600", "0", "x", "3-a", ","):
+        if bad == "600":
+            assert parse_concepts(bad, 512) == list(range(512))  # a count is capped
+            continue
+        with pytest.raises(ValueError, match="--concepts"):
+            parse_concepts(bad, 512)
+    with pytest.raises(ValueError, match="out of range"):
+        parse_concepts("510-512", 512)
+
+
+def test_catalogue_html_file_and_folder(gallery, tmp_path) -> None:
+    import re
+
+    from cmn_edge.index import ConceptIndex
+
+    root, paths, embeddings = gallery
+    index = ConceptIndex.load(root)
+    index.set_concept_name(4, "orange things")
+    index.save()
+
+    page = tmp_path / "catalogue.html"
+    result = _cli("concepts", "--index", str(root), "--out", str(page), "--per-concept", "2",
+                  "--concepts", "3,4,9", "--threads", "2")
+    assert result.exit_code == 0, result.output
+    text = page.read_text(encoding="utf-8")
+    assert re.findall(r"<section id=c(\d+)>", text) == ["3", "4", "9"]
+    assert text.count("data:image/jpeg;base64,") == 3 * 2 * 2  # view + peak window per tile
+    assert "concept 4 &mdash; orange things" in text
+    assert "src=\"http" not in text and "<link" not in text  # nothing outside the file
+    for concept in (3, 4, 9):  # each concept's strongest items, strongest first
+        section = text.split(f"<section id=c{concept}>")[1].split("</section>")[0]
+        shown = [float(v) for v in re.findall(r"<figcaption>([+-]\d+\.\d{4})", section)]
+        expected = sorted(embeddings[:, concept].tolist(), reverse=True)[:2]
+        assert shown == pytest.approx(expected, abs=6e-5)
+
+    folder = tmp_path / "catalogue"
+    result = _cli("concepts", "--index", str(root), "--out", str(folder), "--per-concept", "3",
+                  "--concepts", "2", "--unnamed")
+    assert result.exit_code == 0, result.output
+    images = sorted((folder / "images").glob("*.jpg"))
+    assert len(images) == 2 * 3 * 2
+    for image in images:
+        with Image.open(image) as opened:
+            assert opened.format == "JPEG"
+    html_text = (folder / "index.html").read_text(encoding="utf-8")
+    assert all(f"images/{p.name}" in html_text for p in images)
+
+
+def test_catalogue_lists_an_image_gone_since_indexing(gallery, photos, embedder, tmp_path):
+    from cmn_edge.index import ConceptIndex
+
+    root, paths, _ = gallery
+    index = ConceptIndex.load(root)
+    gone = tmp_path / "gone.jpg"
+    gone.write_bytes(photos["rocket"].read_bytes())
+    index.add(embedder.embed(gone), [str(gone)])
+    copy = tmp_path / "idx"
+    index.save(copy)
+    gone.unlink()
+    concept = int(np.argmax(embedder.embed(photos["rocket"])[0]))
+    page = tmp_path / "c.html"
+    result = _cli("concepts", "--index", str(copy), "--out", str(page), "--per-concept", "7",
+                  "--concepts", f"{concept},")
+    assert result.exit_code == 0, result.output
+    assert f"{gone}: file not found" in result.stderr
+    text = page.read_text(encoding="utf-8")
+    assert "class=missing" in text and text.count("data:image/jpeg") == 2 * 6
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["concepts", "--index", "{missing}"], "index directory not found"),
+        (["concepts"], "--index DIR is required"),
+        (["concepts", "--index", "{root}", "--concepts", "9999,"], "out of range"),
+        (["concepts", "--index", "{root}", "--out", "{missing}/c.html"], "does not exist"),
+        (["concepts", "name", "--index", "{root}", "9999", "x"], "out of range"),
+        (["concepts", "name", "--index", "{root}", "3"], "NAME or --clear"),
+        (["explain", "{cat}", "{cat}", "--index", "{missing}"], "index directory not found"),
+    ],
+)
+def test_concepts_cli_errors_are_one_line(gallery, photos, tmp_path, args, expected) -> None:
+    root = gallery[0]
+    values = {"missing": tmp_path / "nope", "root": root, "cat": photos["cat"]}
+    result = _cli(*(a.format(**values) for a in args))
+    assert result.exit_code != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0]
+    assert not (tmp_path / "nope").exists()
