@@ -12,7 +12,6 @@ import html
 import io
 import os
 import shlex
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +20,7 @@ import numpy as np
 from PIL import Image
 
 from . import preprocess as pp
-from .render import concept_view, peak_crop
+from .render import concept_view, peak_crop, temp_beside
 
 VIEW_SIZE = 160
 CROP_SIZE = 96
@@ -306,7 +305,7 @@ def write(catalogue: Catalogue, out: str | os.PathLike) -> Path:
 
 
 def _write_bytes(path: Path, data: bytes) -> None:
-    handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    handle, temp = temp_beside(path)
     try:
         with os.fdopen(handle, "wb") as out:
             out.write(data)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
+import secrets
 from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
@@ -113,8 +113,8 @@ def overlay(
             if not mask.any():
                 continue
             mask_image = Image.fromarray(mask.astype(np.uint8) * 255, mode="L")
-            inner = np.asarray(mask_image.filter(ImageFilter.MinFilter(5))) > 0
-            out[mask & ~inner] = palette[k]
+            # a 3x3 edge kernel marks both sides of the border: a 2 px outline
+            out[np.asarray(mask_image.filter(ImageFilter.FIND_EDGES)) > 0] = palette[k]
     return Image.fromarray(np.clip(out + 0.5, 0, 255).astype(np.uint8), mode="RGB")
 
 
@@ -248,7 +248,7 @@ def _atomic_save(image: Image.Image, path: Path, fmt: str, **params) -> Path:
     folder = path.parent if str(path.parent) else Path(".")
     if not folder.is_dir():
         raise FileNotFoundError(f"{path}: folder {folder} does not exist")
-    handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+    handle, temp = temp_beside(path)
     try:
         with os.fdopen(handle, "wb") as out:
             image.save(out, format=fmt, **params)
@@ -257,3 +257,21 @@ def _atomic_save(image: Image.Image, path: Path, fmt: str, **params) -> Path:
         Path(temp).unlink(missing_ok=True)
         raise
     return path
+
+
+_CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+
+
+def temp_beside(path: Path) -> tuple[int, str]:
+    """A new hidden file next to ``path`` to write and then rename over it.
+
+    Not ``tempfile.mkstemp``: that makes it 0600, and the renamed output would be unreadable
+    to others (a web server showing a catalogue); ``os.open`` applies the umask as usual.
+    """
+    for _ in range(100):
+        temp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
+        try:
+            return os.open(temp, _CREATE, 0o666), str(temp)
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"{path}: cannot create a temporary file beside it")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -158,6 +159,10 @@ def test_cli_text_json_and_heatmap(photos, mirrored_cat, tmp_path, embedder) -> 
     x = explain(photos["cat"], mirrored_cat, embedder)
     assert document["score"] == pytest.approx(x.score, abs=1e-5)
     assert [t["concept"] for t in document["top"]] == [t.index for t in x.top[:4]]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o666 & ~umask  # an ordinary file, not mkstemp's 0600
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp left over
     with Image.open(out) as image:
         assert image.format == "PNG"
         assert image.size == render.figure_size(x.input_size, 4, scale=1)
