@@ -174,25 +174,13 @@ class _LazyPaths:
         return path if path is not None else f"item {self.ids[row]} (no path)"
 
 
-@concepts.command("name")
-@click.option("--index", "index_dir", type=click.Path(path_type=Path), required=True,
-              help="The concept index whose names to change.")
-@click.argument("concept")
-@click.argument("name", required=False)
-@click.option("--clear", is_flag=True, help="Remove the concept's name instead.")
-@user_errors
-def name_concept(index_dir: Path, concept: str, name: str | None, clear: bool) -> None:
-    """Give CONCEPT (an index, or its current name) the name NAME, saved in the index."""
-    if clear == (name is not None):
-        raise CliError("give either a NAME or --clear")
-    index = _load_index(index_dir)
-    number = index.resolve_concept(concept)
-    index.set_concept_name(number, None if clear else name)
-    index.save()
-    if clear:
-        click.echo(f"concept {number}: name cleared")
-    else:
-        click.echo(f"concept {number}: {index.concept_names[number]}")
+def _register_naming() -> None:
+    """``concepts name`` is ``index name-concept`` under a second name: one implementation."""
+    from .cli_index import name_concept
 
+    concepts.add_command(name_concept, name="name")
+
+
+_register_naming()
 
 COMMANDS = [explain, concepts]
