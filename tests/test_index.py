@@ -1,0 +1,470 @@
+"""ConceptIndex: search against brute force, concept control, persistence, integrity, threads."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cmn_edge import index as index_module
+from cmn_edge.index import (
+    ConceptError,
+    ConceptIndex,
+    ConceptIndexError,
+    IndexCorruptError,
+    ModelMismatchError,
+)
+
+DIM = 64
+
+
+def clustered(n: int, dim: int = DIM, clusters: int = 40, spread: float = 0.35,
+              seed: int = 0) -> np.ndarray:
+    """Unit vectors around random centres: neighbourhoods like a real gallery's."""
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((clusters, dim))
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    noise = rng.standard_normal((n, dim)) / np.sqrt(dim)  # norm about 1
+    x = centres[rng.integers(clusters, size=n)] + spread * noise
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def unit(rng: np.random.Generator, n: int, dim: int = DIM) -> np.ndarray:
+    x = rng.standard_normal((n, dim))
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def gallery() -> np.ndarray:
+    return clustered(3000, seed=1)
+
+
+@pytest.fixture(scope="module")
+def queries() -> np.ndarray:
+    return clustered(60, seed=2)
+
+
+@pytest.fixture(scope="module")
+def big(gallery: np.ndarray) -> ConceptIndex:
+    """HNSW forced on (exact_below=0), one metadata key for filters."""
+    idx = ConceptIndex(DIM, "test-model@0", exact_below=0)
+    idx.add(gallery, [f"img/{i}.jpg" for i in range(len(gallery))],
+            [{"label": str(i % 7), "half": "a" if i < 1500 else "b"} for i in range(len(gallery))])
+    return idx
+
+
+def brute(gallery: np.ndarray, q: np.ndarray, k: int, w: np.ndarray | None = None,
+          renormalize: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Independent reference: masked dot product or masked cosine, ties broken by id."""
+    g = gallery.astype(np.float64)
+    q = q.astype(np.float64) / np.linalg.norm(q)
+    if w is None:
+        scores = g @ q
+    elif not renormalize:
+        scores = g @ (q * w)
+    else:
+        qm, gm = q * w, g * w
+        scores = (gm @ qm) / (np.linalg.norm(gm, axis=1) * np.linalg.norm(qm))
+    order = np.lexsort((np.arange(len(g)), -scores))[:k]
+    return order, scores[order]
+
+
+MASKS = {
+    "plain": {},
+    "exclude one": {"exclude": [5]},
+    "exclude 10%": {"exclude": list(range(0, DIM, 10))},
+    "exclude 50%": {"exclude": list(range(0, DIM, 2))},
+    "only": {"only": list(range(8, 40))},
+    "weights": {"weights": {3: 4.0, 9: 0.0, 10: 2.5}},
+    "renormalize 50%": {"exclude": list(range(1, DIM, 2)), "renormalize": True},
+    "renormalize only": {"only": [0, 1, 2, 3, 4, 5], "renormalize": True},
+}
+
+
+def weight_vector(controls: dict) -> np.ndarray | None:
+    if not controls or set(controls) == {"renormalize"}:
+        return None
+    w = np.ones(DIM)
+    if "only" in controls:
+        w[:] = 0
+        w[controls["only"]] = 1
+    w[controls.get("exclude", [])] = 0
+    for i, value in controls.get("weights", {}).items():
+        w[i] *= value
+    return w
+
+
+@pytest.mark.parametrize("mask", list(MASKS))
+def test_exact_path_equals_independent_brute_force(big, gallery, queries, mask):
+    controls = MASKS[mask]
+    w = weight_vector(controls)
+    for q in queries[:20]:
+        ids, scores = big.search_ids(q, 10, exact=True, **controls)
+        ref_ids, ref_scores = brute(gallery, q, 10, w, controls.get("renormalize", False))
+        np.testing.assert_allclose(scores, ref_scores, atol=2e-5)
+        # ids agree wherever scores are not numerically tied
+        assert list(ids[:5]) == list(ref_ids[:5]) or np.allclose(scores[:5], ref_scores[:5])
+
+
+@pytest.mark.parametrize("mask", list(MASKS))
+def test_hnsw_recall_at_10_against_exact_masked_search(big, queries, mask):
+    controls = MASKS[mask]
+    found = total = 0
+    for q in queries:
+        approx_ids, approx_scores = big.search_ids(q, 10, **controls)
+        exact_ids, exact_scores = big.search_ids(q, 10, exact=True, **controls)
+        found += len(set(approx_ids.tolist()) & set(exact_ids.tolist()))
+        total += 10
+        # every hit the two share carries the identical exact score (re-scored from storage)
+        shared = {i: s for i, s in zip(exact_ids.tolist(), exact_scores.tolist())}
+        for i, s in zip(approx_ids.tolist(), approx_scores.tolist()):
+            if i in shared:
+                assert s == shared[i]
+        assert list(approx_scores) == sorted(approx_scores, reverse=True)
+    assert found / total >= 0.98, f"{mask}: recall@10 {found / total:.3f}"
+
+
+def test_masked_score_is_query_side_mask(big, gallery, queries):
+    q = queries[0]
+    hits = big.search(q, 5, exclude=[0, 1, 2], weights={7: 3.0})
+    w = np.ones(DIM)
+    w[[0, 1, 2]] = 0
+    w[7] = 3.0
+    for hit in hits:
+        expected = float((q / np.linalg.norm(q) * w) @ gallery[hit.id])
+        assert hit.score == pytest.approx(expected, abs=1e-5)
+
+
+def test_explain_contributions_sum_to_score(big, queries):
+    big.set_concept_name(4, "stripes")
+    try:
+        for controls in ({}, {"exclude": [1, 2]}, {"only": list(range(20)), "renormalize": True}):
+            hits = big.search(queries[3], 3, explain=DIM, **controls)
+            for hit in hits:
+                total = sum(c["contribution"] for c in hit.top_concepts)
+                assert total == pytest.approx(hit.score, abs=1e-5)
+                contributions = [c["contribution"] for c in hit.top_concepts]
+                assert contributions == sorted(contributions, reverse=True)
+                if hit.score > 0:
+                    assert sum(c["share"] for c in hit.top_concepts) == pytest.approx(1, abs=1e-4)
+                excluded = set(controls.get("exclude", []))
+                assert all(c["contribution"] == 0 for c in hit.top_concepts
+                           if c["index"] in excluded)
+                named = [c for c in hit.top_concepts if c["index"] == 4]
+                assert named and named[0]["name"] == "stripes"
+    finally:
+        big.set_concept_name(4, None)
+
+
+def test_where_filter_in_graph_and_exact(big, queries):
+    for exact in (False, True):
+        hits = big.search(queries[0], 10, where={"label": "3"}, exact=exact)
+        assert len(hits) == 10
+        assert all(h.metadata["label"] == "3" for h in hits)
+    both = big.search(queries[0], 10, where={"label": "3", "half": "b"})
+    assert all(h.metadata == {"label": "3", "half": "b"} and h.id >= 1500 for h in both)
+    approx = {h.id for h in big.search(queries[1], 10, where={"half": "a"})}
+    exact = {h.id for h in big.search(queries[1], 10, where={"half": "a"}, exact=True)}
+    assert len(approx & exact) >= 9
+    with pytest.raises(ConceptIndexError, match="no item has metadata key 'colour'"):
+        big.search(queries[0], 3, where={"colour": "red"})
+    assert big.search(queries[0], 3, where={"label": "no such label"}) == []
+
+
+def test_concept_names_resolve_everywhere(gallery, queries):
+    idx = ConceptIndex(DIM, exact_below=10**9)
+    idx.add(gallery[:200])
+    idx.set_concept_name(12, "beak")
+    idx.set_concept_name("beak", "bill")  # rename through the current name
+    assert idx.concept_names == {12: "bill"}
+    assert idx.resolve_concept("bill") == 12 and idx.resolve_concept("12") == 12
+    by_name = idx.search_ids(queries[0], 5, exclude=["bill"], weights={"bill": 2})
+    by_index = idx.search_ids(queries[0], 5, exclude=[12], weights={12: 2})
+    assert by_name[0].tolist() == by_index[0].tolist()
+    with pytest.raises(ConceptError, match="unknown concept name 'wing'"):
+        idx.search(queries[0], 3, exclude=["wing"])
+    with pytest.raises(ConceptError, match="out of range"):
+        idx.search(queries[0], 3, only=[DIM])
+    with pytest.raises(ConceptError, match="out of range"):
+        idx.set_concept_name(-1, "x")
+    with pytest.raises(ConceptError, match="looks like an index"):
+        idx.set_concept_name(3, "17")
+    with pytest.raises(ConceptError, match="already named"):
+        idx.set_concept_name(3, "bill")
+    with pytest.raises(ConceptError, match="leave no concept"):
+        idx.search(queries[0], 3, only=[1, 2], exclude=[1, 2])
+    with pytest.raises(ConceptError, match=">= 0"):
+        idx.search(queries[0], 3, weights={1: -1})
+
+
+def test_k_and_empty_gallery_errors(gallery):
+    idx = ConceptIndex(DIM)
+    with pytest.raises(ConceptIndexError, match="empty"):
+        idx.search(gallery[0], 1)
+    idx.add(gallery[:5])
+    with pytest.raises(ConceptIndexError, match="k=6 is larger than the gallery"):
+        idx.search(gallery[0], 6)
+    with pytest.raises(ConceptIndexError, match="k=5 is larger"):
+        idx.search_id(0, 5)  # the item itself is left out of its own search
+    with pytest.raises(ConceptIndexError, match="at least 1"):
+        idx.search(gallery[0], 0)
+    assert [h.id for h in idx.search_id(0, 4)] == sorted(
+        [1, 2, 3, 4], key=lambda i: -float(gallery[i] @ gallery[0])
+    )
+    with pytest.raises(ConceptIndexError, match=r"must be \[N, 64\]"):
+        idx.add(np.ones((2, DIM + 1)))
+    with pytest.raises(ConceptIndexError, match="all zeros"):
+        idx.add(np.zeros((1, DIM)))
+    with pytest.raises(ConceptIndexError, match="NaN"):
+        idx.search(np.full(DIM, np.nan), 1)
+
+
+def test_remove_update_reuse_slots_and_grow(gallery):
+    idx = ConceptIndex(DIM, exact_below=0, capacity=16)
+    ids = idx.add(gallery[:1000], [f"p{i}" for i in range(1000)])
+    assert ids == list(range(1000))
+    assert idx._hnsw.max_elements >= 1000  # grew from 16 in place
+    idx.remove(range(0, 1000, 2))
+    assert len(idx) == 500
+    slots = idx._hnsw.element_count
+    new = idx.add(gallery[1000:1400], [f"n{i}" for i in range(400)])
+    assert idx._hnsw.element_count == slots  # the deleted slots were reused
+    assert min(new) == 1000  # ids are never reused
+    for q_id in (1, 3, 1005):
+        hits = idx.search_ids(idx.embedding(q_id), 10)[0].tolist()
+        assert hits[0] == q_id
+        assert not any(i % 2 == 0 and i < 1000 for i in hits)
+    # update: the item now answers for its new embedding, under the same id and path
+    idx.update(1, gallery[2000], metadata={"label": "moved"})
+    top = idx.search(gallery[2000], 1)[0]
+    assert (top.id, top.path, top.metadata) == (1, "p1", {"label": "moved"})
+    # adding a path that is already indexed updates that item instead of duplicating it
+    assert idx.add(gallery[2001:2002], ["p3"]) == [3]
+    assert len(idx) == 900
+    with pytest.raises(ConceptIndexError, match="no item with id 0"):
+        idx.remove([3, 0])  # all or nothing: 3 stays
+    assert 3 in idx
+    with pytest.raises(ConceptIndexError, match="no item with id 0"):
+        idx.update(0, gallery[0])
+
+
+def test_save_load_round_trip(tmp_path, big, queries):
+    big.set_concept_name(2, "wing")
+    try:
+        folder = big.save(tmp_path / "idx", overwrite=True)
+    finally:
+        big.set_concept_name(2, None)
+    loaded = ConceptIndex.load(folder)
+    assert loaded.ids == big.ids
+    assert loaded.model_id == "test-model@0" and loaded.concept_names == {2: "wing"}
+    assert loaded.item(17) == big.item(17)
+    for q in queries[:10]:
+        for controls in ({}, {"exclude": ["wing", 3]}, {"only": list(range(30)),
+                                                       "renormalize": True}):
+            a = loaded.search(q, 10, **controls)
+            b = big.search(q, 10, **{k: ([2, 3] if v == ["wing", 3] else v)
+                                     for k, v in controls.items()})
+            assert [(h.id, h.score, h.path, h.metadata) for h in a] == [
+                (h.id, h.score, h.path, h.metadata) for h in b
+            ]
+    # the manifest records what the issue asks for, and its checksums are the files'
+    pointer = json.loads((folder / "current").read_text())
+    version = folder / pointer["version"]
+    manifest_bytes = (version / "manifest.json").read_bytes()
+    assert hashlib.sha256(manifest_bytes).hexdigest() == pointer["manifest_sha256"]
+    manifest = json.loads(manifest_bytes)
+    assert manifest["format_version"] == index_module.FORMAT_VERSION
+    assert manifest["model"]["id"] == "test-model@0" and manifest["num_concepts"] == DIM
+    assert manifest["counts"]["items"] == len(big)
+    for name, entry in manifest["files"].items():
+        assert hashlib.sha256((version / name).read_bytes()).hexdigest() == entry["sha256"]
+    emb = np.load(version / "embeddings.npy", allow_pickle=False)
+    assert emb.dtype == np.float32 and emb.shape == (len(big), DIM)
+    # incremental change, saved again: a new version replaces the old one
+    loaded.remove([0, 1])
+    loaded.add(queries[:3], ["q0", "q1", "q2"])
+    loaded.save()
+    again = ConceptIndex.load(folder)
+    assert len(again) == len(big) + 1 and 0 not in again
+    assert sorted(p.name for p in folder.iterdir() if p.name.startswith("v-")) == [
+        json.loads((folder / "current").read_text())["version"]
+    ]
+
+
+def small_saved(tmp_path: Path, gallery: np.ndarray) -> Path:
+    idx = ConceptIndex(DIM, "m@1")
+    idx.add(gallery[:50], [f"p{i}" for i in range(50)], [{"label": "x"}] * 50)
+    return idx.save(tmp_path / "idx")
+
+
+def version_dir(folder: Path) -> Path:
+    return folder / json.loads((folder / "current").read_text())["version"]
+
+
+@pytest.mark.parametrize("name", ["hnsw.bin", "embeddings.npy", "ids.npy", "metadata.sqlite",
+                                  "concepts.json", "manifest.json"])
+def test_tampered_file_is_refused_before_hnswlib_sees_it(tmp_path, gallery, monkeypatch, name):
+    folder = small_saved(tmp_path, gallery)
+    file = version_dir(folder) / name
+    data = bytearray(file.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    file.write_bytes(bytes(data))
+
+    class NoHnswlib:  # any hnswlib use after a checksum failure would be a bug
+        def Index(self, *args, **kwargs):  # noqa: N802
+            raise AssertionError("hnswlib touched a file that failed its checksum")
+
+    monkeypatch.setattr(index_module, "hnswlib", NoHnswlib())
+    with pytest.raises(IndexCorruptError, match=rf"{name}: checksum mismatch"):
+        ConceptIndex.load(folder)
+
+
+def test_crafted_hnsw_file_with_matching_size_is_refused(tmp_path, gallery):
+    """A file swapped for one of the same size (e.g. a crafted header) fails the sha256."""
+    folder = small_saved(tmp_path, gallery)
+    file = version_dir(folder) / "hnsw.bin"
+    data = bytearray(file.read_bytes())
+    data[0:8] = (2**62).to_bytes(8, "little")  # an absurd offset the loader would trust
+    file.write_bytes(bytes(data))
+    with pytest.raises(IndexCorruptError, match="hnsw.bin: checksum mismatch"):
+        ConceptIndex.load(folder)
+
+
+def test_missing_and_broken_directories(tmp_path, gallery):
+    with pytest.raises(FileNotFoundError, match="index directory not found"):
+        ConceptIndex.load(tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(IndexCorruptError, match="not a cmn-edge index"):
+        ConceptIndex.load(tmp_path / "empty")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(IndexCorruptError, match="not a directory"):
+        ConceptIndex.load(tmp_path / "file")
+    folder = small_saved(tmp_path, gallery)
+    (folder / "current").write_text("{not json")
+    with pytest.raises(IndexCorruptError, match="current: malformed pointer"):
+        ConceptIndex.load(folder)
+    folder = small_saved(tmp_path / "b", gallery)
+    (version_dir(folder) / "ids.npy").unlink()
+    with pytest.raises(IndexCorruptError, match="missing files"):
+        ConceptIndex.load(folder)
+    folder = small_saved(tmp_path / "c", gallery)
+    (version_dir(folder) / "embeddings.npy").write_bytes(b"")
+    with pytest.raises(IndexCorruptError, match="embeddings.npy: checksum mismatch"):
+        ConceptIndex.load(folder)
+    # a traversal attempt in the pointer is refused, not followed
+    folder = small_saved(tmp_path / "d", gallery)
+    (folder / "current").write_text(json.dumps({"version": "../d", "manifest_sha256": "0"}))
+    with pytest.raises(IndexCorruptError, match="malformed pointer"):
+        ConceptIndex.load(folder)
+
+
+def test_save_refuses_foreign_or_changed_directories(tmp_path, gallery):
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("keep me")
+    idx = ConceptIndex(DIM)
+    idx.add(gallery[:10])
+    with pytest.raises(ConceptIndexError, match="not empty and holds no cmn-edge index"):
+        idx.save(tmp_path / "notes")
+    assert sorted(p.name for p in (tmp_path / "notes").iterdir()) == ["todo.txt"]
+    folder = idx.save(tmp_path / "idx")
+    other = ConceptIndex(DIM)
+    other.add(gallery[10:12])
+    with pytest.raises(ConceptIndexError, match="already holds an index"):
+        other.save(folder)
+    first, second = ConceptIndex.load(folder), ConceptIndex.load(folder)
+    first.add(gallery[20:21])
+    first.save()
+    second.add(gallery[21:22])
+    with pytest.raises(ConceptIndexError, match="changed on disk since it was loaded"):
+        second.save()
+    assert len(ConceptIndex.load(folder)) == 11
+    # debris of a killed save is ignored by load and cleared by the next save
+    (folder / ".tmp-999-deadbeef").mkdir()
+    (folder / "v-000099-0badf00d").mkdir()
+    loaded = ConceptIndex.load(folder)
+    loaded.save()
+    assert sorted(p.name for p in folder.iterdir() if p.name != ".lock") == [
+        "current", json.loads((folder / "current").read_text())["version"]
+    ]
+
+
+def test_model_identity_is_enforced(tmp_path, gallery):
+    idx = ConceptIndex(DIM, "cmn-lite0@aaaa")
+    idx.check_model("cmn-lite0@aaaa")
+    with pytest.raises(ModelMismatchError, match="cmn-lite0@aaaa.*cmn-lite0@bbbb"):
+        idx.check_model("cmn-lite0@bbbb")
+    idx.add(gallery[:3])
+    loaded = ConceptIndex.load(idx.save(tmp_path / "i"))
+    with pytest.raises(ModelMismatchError):
+        loaded.check_model("other@1")
+
+
+def test_calibrate_raises_ef_until_recall_target():
+    rng = np.random.default_rng(5)
+    hard = unit(rng, 3000, 48)  # isotropic: the hardest case for a graph walk
+    idx = ConceptIndex(48, exact_below=0, M=4, ef_construction=16, ef=1, max_ef=2048)
+    idx.add(hard)
+    queries = unit(rng, 40, 48)
+    before = idx.recall(queries)
+    result = idx.calibrate(target=0.95, sample=60)
+    assert before < 0.95
+    assert result["ef"] > 1 and idx.ef == result["ef"]
+    assert result["recall"] >= 0.95
+    assert all(value >= 0.95 for value in result["masked_recall"].values())
+
+
+def test_concurrent_searches_while_adding_and_removing(gallery):
+    idx = ConceptIndex(DIM, exact_below=0, capacity=16)
+    idx.add(gallery[:1000])
+    errors: list[BaseException] = []
+    stop = threading.Event()
+
+    def reader(seed: int) -> None:
+        rng = np.random.default_rng(seed)
+        try:
+            while not stop.is_set():
+                item = int(rng.integers(1000))
+                ids, scores = idx.search_ids(gallery[item], 5, exclude=[seed])
+                assert len(ids) == 5 and np.all(np.diff(scores) <= 0)
+                ids, _ = idx.search_ids(gallery[item], 5)
+                assert ids[0] == item or np.isclose(float(gallery[ids[0]] @ gallery[item]), 1)
+        except BaseException as exc:  # noqa: BLE001 - reported to the main thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=reader, args=(s,)) for s in range(4)]
+    for t in threads:
+        t.start()
+    try:
+        for start in range(1000, 3000, 100):  # grows the graph (resize) under the readers
+            idx.add(gallery[start : start + 100])
+            idx.remove([start + 1])  # and marks deletions
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    assert not errors, errors[0]
+    assert len(idx) == 3000 - 20
+    assert idx._hnsw.max_elements >= 3000
+
+
+def test_real_photos_gallery(tmp_path, embedder, labelled_folder, photos):
+    paths = sorted(labelled_folder.rglob("*.jpg"))
+    emb = embedder.embed(paths)
+    idx = ConceptIndex.for_embedder(embedder, exact_below=0)
+    idx.add(emb, [str(p) for p in paths], [{"label": p.parent.name} for p in paths])
+    query = embedder.embed(labelled_folder / "cat" / "original.jpg")[0]
+    top = idx.search(query, 3)
+    assert top[0].path == str(labelled_folder / "cat" / "original.jpg")
+    assert top[0].score == pytest.approx(1.0, abs=1e-4)
+    assert [h.id for h in top] == [h.id for h in idx.search(query, 3, exact=True)]
+    only_rockets = idx.search(query, 3, where={"label": "rocket"})
+    assert {h.metadata["label"] for h in only_rockets} == {"rocket"}
+    loaded = ConceptIndex.load(idx.save(tmp_path / "photos.idx"))
+    loaded.check_model(embedder.model_id)
+    assert [h.id for h in loaded.search(query, 5, exclude=[0, 1])] == [
+        h.id for h in idx.search(query, 5, exclude=[0, 1])
+    ]
