@@ -1,3 +1,116 @@
-"""Placeholder: filled in by its own work item."""
+"""``cmn-edge bench``: how fast the whole embed path is on this machine, FP32 beside INT8."""
 
-COMMANDS: list = []
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from .cli_common import CliError, user_errors
+
+
+def _batches(_ctx: click.Context, _param: click.Parameter, value: str) -> list[int]:
+    try:
+        sizes = [int(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise click.BadParameter(f"'{value}' is not a comma-separated list of integers") from None
+    if not sizes or min(sizes) < 1:
+        raise click.BadParameter(f"'{value}': batch sizes must be positive integers")
+    return sizes
+
+
+@click.command("bench", short_help="Latency, throughput, decode time, cold start, memory.")
+@click.option(
+    "--model",
+    default=None,
+    help="Bundled model name or path to a CMN .onnx file (both "
+    "precisions need the bundled name; a path is timed at the precision it was given for).",
+)
+@click.option(
+    "--precision",
+    type=click.Choice(["both", "int8", "fp32"]),
+    default="both",
+    show_default=True,
+)
+@click.option(
+    "--batch",
+    "batches",
+    default="1,8,32",
+    show_default=True,
+    callback=_batches,
+    help="Comma-separated batch sizes.",
+)
+@click.option(
+    "--threads",
+    type=click.IntRange(min=1),
+    default=None,
+    help="onnxruntime threads (default: onnxruntime's choice).",
+)
+@click.option(
+    "--repeats",
+    type=click.IntRange(min=1),
+    default=20,
+    show_default=True,
+    help="Timed runs per measure (batches above 8 use a quarter).",
+)
+@click.option(
+    "--cold-repeats",
+    type=click.IntRange(min=1),
+    default=3,
+    show_default=True,
+    help="Fresh `cmn-edge embed` processes timed per precision.",
+)
+@click.option(
+    "--photo",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Small JPEG to time (default examples/photos/cat.jpg); the 12 MP one is made from it.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON.")
+@user_errors
+def bench(
+    model: str | None,
+    precision: str,
+    batches: list[int],
+    threads: int | None,
+    repeats: int,
+    cold_repeats: int,
+    photo: Path | None,
+    as_json: bool,
+) -> None:
+    """Time the model (per batch size), decoding, end to end and cold start; one table.
+
+    Timings are wall clock on whatever else this machine is doing: the load average is
+    printed with them. Nothing here is a pass/fail check.
+    """
+    from .bench import format_table, run_bench
+
+    precisions = ["fp32", "int8"] if precision == "both" else [precision]
+    if model is not None and precision == "both" and str(model).endswith(".onnx"):
+        raise CliError(f"{model}: one .onnx file has one precision; give --precision int8 or fp32")
+
+    def progress(message: str) -> None:
+        if not as_json:
+            click.echo(f"  {message} ...", err=True)
+
+    try:
+        result = run_bench(
+            model=model,
+            precisions=precisions,
+            batches=batches,
+            threads=threads,
+            repeats=repeats,
+            photo=photo,
+            cold_repeats=cold_repeats,
+            progress=progress,
+        )
+    except RuntimeError as exc:
+        raise CliError(str(exc)) from None
+    if as_json:
+        click.echo(json.dumps(result, indent=2, sort_keys=True))
+    else:
+        click.echo(format_table(result))
+
+
+COMMANDS = [bench]

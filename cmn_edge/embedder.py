@@ -52,14 +52,9 @@ class Embedder:
         threads: int | None = None,
     ) -> None:
         self.path = resolve_model_path(model, precision)
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if threads:
-            options.intra_op_num_threads = int(threads)
-            options.inter_op_num_threads = 1
         try:
             self.session = ort.InferenceSession(
-                str(self.path), options, providers=["CPUExecutionProvider"]
+                str(self.path), session_options(threads), providers=["CPUExecutionProvider"]
             )
         except Exception as exc:  # onnxruntime raises its own untyped errors
             reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
@@ -166,6 +161,16 @@ class Embedder:
                         errors.append((Path(path), str(exc)))
             if arrays:
                 yield kept, self.embed_arrays(np.stack(arrays)).embedding
+
+
+def session_options(threads: int | None = None) -> ort.SessionOptions:
+    """The onnxruntime settings every session of a CMN model uses (``cmn-edge bench`` too)."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads:
+        options.intra_op_num_threads = int(threads)
+        options.inter_op_num_threads = 1
+    return options
 
 
 def list_images(folder: str | os.PathLike) -> list[Path]:

@@ -1,0 +1,391 @@
+"""How fast is the embed path on this CPU: model, decoding, end to end, cold start, memory.
+
+Everything here measures what a user of :class:`~cmn_edge.embedder.Embedder` gets (the same
+sessions, the same preprocessing); no timing is asserted anywhere, the numbers are reported.
+
+The CMN head's share of the model time is measured with onnxruntime's own profiler: every
+kernel that runs after the backbone's last node (names under ``/backbone/``) belongs to the
+head. No graph surgery (and so no ``onnx`` package) is needed, and the figure holds for FP32
+and INT8 graphs alike, whatever onnxruntime fused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from . import preprocess as pp
+from .embedder import Embedder, session_options
+from .metadata import INPUT_NAME, OUTPUT_EMBEDDING, Preprocess
+
+#: The small JPEG every checkout has; the 12 MP one is made from it once per run.
+DEFAULT_PHOTO = Path(__file__).resolve().parent.parent / "examples" / "photos" / "cat.jpg"
+LARGE_SIZE = (4000, 3000)
+BACKBONE_PREFIX = "/backbone/"
+
+
+def summarise(seconds: Sequence[float]) -> dict[str, float]:
+    """p50/p90/mean in milliseconds of a list of wall times in seconds."""
+    ms = np.asarray(seconds, dtype=np.float64) * 1000.0
+    return {
+        "p50_ms": float(np.percentile(ms, 50)),
+        "p90_ms": float(np.percentile(ms, 90)),
+        "mean_ms": float(ms.mean()),
+        "runs": int(ms.size),
+    }
+
+
+def time_calls(fn: Callable[[], object], repeats: int, warmup: int = 1) -> list[float]:
+    """Wall time of ``repeats`` calls after ``warmup`` untimed ones (caches, arenas, pages)."""
+    for _ in range(max(0, warmup)):
+        fn()
+    times = []
+    for _ in range(max(1, repeats)):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def random_batch(batch_size: int, input_size: int, seed: int = 0) -> np.ndarray:
+    """Inputs in the normalised range the model sees; convolution cost does not depend on it."""
+    rng = np.random.default_rng(seed)
+    shape = (batch_size, 3, input_size, input_size)
+    return rng.uniform(-1.0, 1.0, size=shape).astype(np.float32)
+
+
+def time_model(
+    session: ort.InferenceSession,
+    batch_size: int,
+    input_size: int,
+    repeats: int,
+    warmup: int = 2,
+) -> dict[str, float]:
+    """Latency of one ``session.run`` on a batch, and what it means per image."""
+    batch = random_batch(batch_size, input_size)
+    feed = {INPUT_NAME: batch}
+    times = time_calls(lambda: session.run([OUTPUT_EMBEDDING], feed), repeats, warmup)
+    stats = summarise(times)
+    stats["batch"] = batch_size
+    stats["per_image_p50_ms"] = stats["p50_ms"] / batch_size
+    stats["per_image_p90_ms"] = stats["p90_ms"] / batch_size
+    stats["img_per_s"] = 1000.0 * batch_size / stats["p50_ms"]
+    return stats
+
+
+def head_share(
+    path: str | os.PathLike, threads: int | None, input_size: int, runs: int = 5
+) -> float | None:
+    """Fraction of kernel time spent after the backbone's last node, from ORT's profiler.
+
+    None when the graph names no ``/backbone/`` node (a model exported by other means).
+    """
+    options = session_options(threads)
+    options.enable_profiling = True
+    with tempfile.TemporaryDirectory(prefix="cmn-bench-") as tmp:
+        options.profile_file_prefix = str(Path(tmp) / "profile")
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        feed = {INPUT_NAME: random_batch(1, input_size)}
+        for _ in range(max(1, runs) + 1):
+            session.run([OUTPUT_EMBEDDING], feed)
+        events = json.loads(Path(session.end_profiling()).read_text())
+    return _head_share_from_events(events)
+
+
+def _head_share_from_events(events: list[dict]) -> float | None:
+    """Kernel events come in execution order within each run; split each run at its last
+    backbone kernel. The first run (session warm-up, allocations) is left out."""
+    runs: list[list[tuple[str, float]]] = []
+    current: list[tuple[str, float]] = []
+    for event in events:
+        if event.get("cat") == "Session" and event.get("name") == "model_run":
+            runs.append(current)
+            current = []
+        elif event.get("cat") == "Node" and str(event.get("name", "")).endswith("_kernel_time"):
+            current.append((str(event["name"]), float(event.get("dur", 0.0))))
+    runs = [run for run in runs if run][1:] or [run for run in runs if run]
+    head = total = 0.0
+    for run in runs:
+        last = max((i for i, (name, _) in enumerate(run) if BACKBONE_PREFIX in name), default=None)
+        if last is None:
+            return None
+        total += sum(d for _, d in run)
+        head += sum(d for _, d in run[last + 1 :])
+    return head / total if total > 0 else None
+
+
+def make_large_jpeg(source: str | os.PathLike, target: str | os.PathLike) -> Path:
+    """A 12 MP camera-sized JPEG (4000x3000, quality 90) made by upscaling a real photo."""
+    from PIL import Image
+
+    with Image.open(source) as image:
+        large = image.convert("RGB").resize(LARGE_SIZE, Image.Resampling.BICUBIC)
+    target = Path(target)
+    large.save(target, "JPEG", quality=90)
+    return target
+
+
+def time_decode(path: Path, preprocess: Preprocess, repeats: int) -> dict[str, float]:
+    """File on disk -> model-ready float32 array (decode, EXIF, resize, crop, normalise)."""
+    stats = summarise(time_calls(lambda: pp.load(path, preprocess), repeats, warmup=1))
+    with open(path, "rb") as handle:
+        from PIL import Image
+
+        stats["size"] = "x".join(str(v) for v in Image.open(handle).size)
+    stats["bytes"] = path.stat().st_size
+    return stats
+
+
+def time_end_to_end(embedder: Embedder, path: Path, repeats: int) -> dict[str, float]:
+    """``embedder.embed(path)``: decode, preprocess and the graph, one image."""
+    return summarise(time_calls(lambda: embedder.embed(path), repeats, warmup=1))
+
+
+def cmn_edge_command() -> list[str]:
+    """The installed ``cmn-edge`` script, or the same entry point through this interpreter."""
+    script = shutil.which("cmn-edge")
+    if script:
+        return [script]
+    return [sys.executable, "-c", "from cmn_edge.cli import main; main()"]
+
+
+def cold_start(
+    photo: Path, model: str | None, precision: str, threads: int | None, repeats: int = 1
+) -> dict[str, float]:
+    """Wall time and peak RSS of a fresh ``cmn-edge embed photo`` process (import, load, embed).
+
+    ``os.wait4`` gives the resource usage of that one child, so its peak RSS is its own.
+    """
+    command = [
+        *cmn_edge_command(),
+        "embed",
+        str(photo),
+        "--precision",
+        precision,
+        "--format",
+        "npy",
+        "--output",
+        os.devnull,
+    ]
+    if model is not None:
+        command += ["--model", str(model)]
+    if threads:
+        command += ["--threads", str(threads)]
+    times, peaks = [], []
+    for _ in range(max(1, repeats)):
+        start = time.perf_counter()
+        child = subprocess.Popen(
+            command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, close_fds=True
+        )
+        stderr = child.stderr.read() if child.stderr else b""
+        _, status, usage = os.wait4(child.pid, 0)
+        elapsed = time.perf_counter() - start
+        child.returncode = os.waitstatus_to_exitcode(status)
+        if child.returncode != 0:
+            reason = stderr.decode(errors="replace").strip().splitlines()
+            raise RuntimeError(
+                f"{' '.join(command)} failed ({reason[-1] if reason else child.returncode})"
+            )
+        times.append(elapsed)
+        peaks.append(_maxrss_mib(usage.ru_maxrss))
+    stats = summarise(times)
+    stats["peak_rss_mib"] = max(peaks)
+    return stats
+
+
+def _maxrss_mib(value: int) -> float:
+    """ru_maxrss is KiB on Linux, bytes on macOS."""
+    return value / (1024.0 * 1024.0) if sys.platform == "darwin" else value / 1024.0
+
+
+def peak_rss_mib() -> float:
+    return _maxrss_mib(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+
+
+def run_bench(
+    model: str | None = None,
+    precisions: Sequence[str] = ("fp32", "int8"),
+    batches: Sequence[int] = (1, 8, 32),
+    threads: int | None = None,
+    repeats: int = 20,
+    photo: str | os.PathLike | None = None,
+    cold_repeats: int = 3,
+    progress: Callable[[str], None] | None = None,
+) -> dict:
+    """Every figure of ``cmn-edge bench`` as one JSON-ready dict."""
+    say = progress or (lambda message: None)
+    photo = Path(photo) if photo is not None else DEFAULT_PHOTO
+    if not photo.is_file():
+        raise FileNotFoundError(f"{photo}: photo not found")
+    result: dict = {
+        "model": None,
+        "threads": threads,
+        "repeats": repeats,
+        "cpu": _cpu_description(),
+        "load_average": list(os.getloadavg()),
+        "onnxruntime": ort.__version__,
+        "precisions": {},
+    }
+    with tempfile.TemporaryDirectory(prefix="cmn-bench-") as tmp:
+        say("making a 12 MP JPEG")
+        large = make_large_jpeg(photo, Path(tmp) / "large-12mp.jpg")
+        for precision in precisions:
+            say(f"{precision}: loading")
+            start = time.perf_counter()
+            embedder = Embedder(model, precision=precision, threads=threads)
+            load_s = time.perf_counter() - start
+            result["model"] = embedder.metadata.name
+            size = embedder.preprocess.input_size
+            entry: dict = {"path": str(embedder.path), "load_ms": load_s * 1000.0, "batches": {}}
+            for batch in batches:
+                say(f"{precision}: batch {batch}")
+                runs = repeats if batch <= 8 else max(3, repeats // 4)
+                entry["batches"][str(batch)] = time_model(embedder.session, batch, size, runs)
+            say(f"{precision}: head share")
+            entry["head_share"] = head_share(embedder.path, threads, size)
+            say(f"{precision}: decode")
+            entry["decode_small"] = time_decode(photo, embedder.preprocess, repeats)
+            entry["decode_12mp"] = time_decode(large, embedder.preprocess, max(3, repeats // 2))
+            say(f"{precision}: end to end")
+            entry["end_to_end"] = time_end_to_end(embedder, photo, repeats)
+            say(f"{precision}: cold start")
+            entry["cold_start"] = cold_start(photo, model, precision, threads, cold_repeats)
+            result["precisions"][precision] = entry
+            del embedder
+    result["peak_rss_mib"] = peak_rss_mib()
+    result["speedup"] = _speedups(result["precisions"])
+    return result
+
+
+def _speedups(entries: dict) -> dict[str, float]:
+    """INT8 speed-up over FP32 (FP32 time / INT8 time), per batch size."""
+    if "fp32" not in entries or "int8" not in entries:
+        return {}
+    fp32, int8 = entries["fp32"]["batches"], entries["int8"]["batches"]
+    return {
+        batch: fp32[batch]["p50_ms"] / int8[batch]["p50_ms"]
+        for batch in fp32
+        if batch in int8 and int8[batch]["p50_ms"] > 0
+    }
+
+
+def _cpu_description() -> dict:
+    info = {"cores": os.cpu_count()}
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return info
+    for line in text.splitlines():
+        if line.startswith("model name") and "model" not in info:
+            info["model"] = line.split(":", 1)[1].strip()
+        if line.startswith("flags"):
+            flags = set(line.split(":", 1)[1].split())
+            info["avx512_vnni"] = "avx512_vnni" in flags
+            info["avx_vnni"] = "avx_vnni" in flags
+            info["avx2"] = "avx2" in flags
+            break
+    return info
+
+
+def format_table(result: dict) -> str:
+    """One table: a row per measure, a column per precision, and the INT8 speed-up."""
+    precisions = list(result["precisions"])
+    entries = [result["precisions"][p] for p in precisions]
+    both = len(precisions) == 2 and set(precisions) == {"fp32", "int8"}
+    header = ["measure", *[p.upper() for p in precisions]]
+    if both:
+        header.append("INT8 speed-up")
+    rows: list[list[str]] = []
+
+    def row(label: str, values: list[float | None], fmt: str, ratio: bool = False) -> None:
+        cells = ["-" if v is None else format(v, fmt) for v in values]
+        if both:
+            by = dict(zip(precisions, values))
+            if ratio and by["fp32"] and by["int8"]:
+                cells.append(f"{by['fp32'] / by['int8']:.2f}x")
+            else:
+                cells.append("")
+        rows.append([label, *cells])
+
+    for batch in entries[0]["batches"]:
+        stats = [e["batches"].get(batch) for e in entries]
+        row(f"model b{batch} p50 ms/batch", [s and s["p50_ms"] for s in stats], ".1f", True)
+        row(f"model b{batch} p90 ms/batch", [s and s["p90_ms"] for s in stats], ".1f", True)
+        row(
+            f"model b{batch} p50 ms/image",
+            [s and s["per_image_p50_ms"] for s in stats],
+            ".2f",
+            True,
+        )
+        row(f"model b{batch} img/s", [s and s["img_per_s"] for s in stats], ".1f")
+    row(
+        "head share of model time (b1)",
+        [None if e["head_share"] is None else 100.0 * e["head_share"] for e in entries],
+        ".1f",
+    )
+    small = entries[0]["decode_small"]
+    large = entries[0]["decode_12mp"]
+    row(
+        f"decode+preprocess {small['size']} JPEG p50 ms",
+        [e["decode_small"]["p50_ms"] for e in entries],
+        ".1f",
+    )
+    row(
+        f"decode+preprocess {large['size']} JPEG p50 ms",
+        [e["decode_12mp"]["p50_ms"] for e in entries],
+        ".1f",
+    )
+    row(
+        "  ... / model b1 p50",
+        [
+            e["decode_12mp"]["p50_ms"] / e["batches"]["1"]["p50_ms"]
+            if "1" in e["batches"]
+            else None
+            for e in entries
+        ],
+        ".2f",
+    )
+    row(
+        "end to end, file -> embedding p50 ms",
+        [e["end_to_end"]["p50_ms"] for e in entries],
+        ".1f",
+        True,
+    )
+    row("model load ms", [e["load_ms"] for e in entries], ".0f")
+    row(
+        "cold start `cmn-edge embed` p50 s",
+        [e["cold_start"]["p50_ms"] / 1000.0 for e in entries],
+        ".2f",
+    )
+    row("cold start peak RSS MiB", [e["cold_start"]["peak_rss_mib"] for e in entries], ".0f")
+
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    lines = [
+        f"cmn-edge bench: {result['model']}, threads={result['threads'] or 'default'}, "
+        f"onnxruntime {result['onnxruntime']}, {result['cpu'].get('model', '?')} "
+        f"({result['cpu'].get('cores')} cores), load average "
+        + " ".join(f"{v:.2f}" for v in result["load_average"]),
+        "  ".join(
+            h.ljust(w) if i == 0 else h.rjust(w) for i, (h, w) in enumerate(zip(header, widths))
+        ),
+        "  ".join("-" * w for w in widths),
+    ]
+    for r in rows:
+        lines.append(
+            "  ".join(
+                c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))
+            )
+        )
+    lines.append(f"peak RSS of this bench process: {result['peak_rss_mib']:.0f} MiB")
+    return "\n".join(lines)
