@@ -84,7 +84,10 @@ def open_image(source: ImageInput, preprocess: Preprocess | None = None) -> Imag
         raise ImageError(f"{path}: not an image file (unrecognised format)") from None
     except (OSError, SyntaxError, ValueError) as exc:
         raise ImageError(f"{path}: corrupt or truncated image ({exc})") from None
-    return _to_rgb(ImageOps.exif_transpose(image), str(path))
+    # The image is ours: rotate it in place rather than copying it (Pillow copies otherwise,
+    # even when there is nothing to rotate).
+    ImageOps.exif_transpose(image, in_place=True)
+    return _to_rgb(image, str(path))
 
 
 def _to_rgb(image: Image.Image, source: str) -> Image.Image:
@@ -144,13 +147,20 @@ def resize_and_crop(image: Image.Image, preprocess: Preprocess) -> Image.Image:
 
 
 def to_tensor(image: Image.Image, preprocess: Preprocess) -> np.ndarray:
-    """HWC uint8 -> CHW float32, normalised, in the model's channel order."""
-    array = np.asarray(image, dtype=np.float32)
+    """HWC uint8 -> CHW float32, normalised, in the model's channel order.
+
+    The pixels stay uint8 until one float32 pass writes the contiguous CHW result; the values
+    are those of ``(float32(x) - mean) * (1 / std)``.
+    """
+    array = np.asarray(image)
     if preprocess.channel_order == "BGR":
         array = array[..., ::-1]
-    mean = np.asarray(preprocess.mean, dtype=np.float32)
-    inv_std = 1.0 / np.asarray(preprocess.std, dtype=np.float32)
-    return ((array - mean) * inv_std).transpose(2, 0, 1)
+    mean = np.asarray(preprocess.mean, dtype=np.float32)[:, None, None]
+    inv_std = (1.0 / np.asarray(preprocess.std, dtype=np.float32))[:, None, None]
+    out = np.empty((3, *array.shape[:2]), dtype=np.float32)
+    np.subtract(array.transpose(2, 0, 1), mean, out=out, dtype=np.float32)
+    out *= inv_std
+    return out
 
 
 def load(source: ImageInput, preprocess: Preprocess) -> np.ndarray:
