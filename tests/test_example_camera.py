@@ -203,3 +203,43 @@ def test_watcher_refuses_an_unknown_concept_name_in_one_line(
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), done.stderr
     assert "unknown concept name 'sky'" in lines[0]
+
+
+def test_watcher_stops_cleanly_when_another_program_changed_its_index(
+    tmp_path: Path, photos: dict[str, Path], watchers
+) -> None:
+    """Someone names a concept while the watcher runs: it must not overwrite their change."""
+    from cmn_edge.index import ConceptIndex
+
+    frames, index_dir = tmp_path / "frames", tmp_path / "index"
+    frames.mkdir()
+    args = [str(frames), "--index", str(index_dir), "--interval", "0.1", "--settle", "0.3",
+            "--save-every", "0.3", "--threads", "2"]
+    first = watchers(args, tmp_path / "watch-1.log")
+    first.wait_for(r"watching ")
+    shutil.copy(photos["coffee"], frames / "0001-coffee.jpg")
+    first.wait_for(r"saved index .* \(1 items\)")
+
+    named = subprocess.run(
+        [sys.executable, "-c", "from cmn_edge.cli import main; main()", "index",
+         "name-concept", "--index", str(index_dir), "5", "background"],
+        capture_output=True, text=True, cwd=ROOT, timeout=WAIT,
+    )
+    assert named.returncode == 0, named.stderr
+    shutil.copy(photos["cat"], frames / "0002-cat.jpg")
+    first.wait_for(r"added 0002-cat\.jpg")
+    first.wait_for(r"could not save the index: .*changed on disk", count=3)
+    assert first.process.wait(timeout=WAIT) == 1
+    assert "stopped (the index cannot be saved" in first.text()
+    assert ConceptIndex.load(index_dir).concept_names == {5: "background"}  # theirs survived
+
+    # A restart loads their change and picks up the frame that was not saved.
+    second = watchers([*args, "--ignore-concept", "background"], tmp_path / "watch-2.log")
+    second.wait_for(r"skipped 1 frame\(s\) already in the index")
+    second.wait_for(r"saved index .* \(2 items\)")
+    assert second.stop(signal.SIGTERM) == 0
+    index = ConceptIndex.load(index_dir)
+    assert index.concept_names == {5: "background"}
+    assert sorted(Path(index.item(i)[0]).name for i in index.ids) == [
+        "0001-coffee.jpg", "0002-cat.jpg"
+    ]

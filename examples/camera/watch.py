@@ -39,6 +39,8 @@ log = logging.getLogger("watch")
 
 #: Suffixes capture tools give a file while they are still writing it (then rename it).
 PARTIAL_SUFFIXES = (".tmp", ".part", ".partial", ".crdownload", ".download")
+#: Consecutive failed saves after which the watcher stops (exit status 1).
+MAX_SAVE_FAILURES = 3
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 
 
@@ -215,6 +217,7 @@ class Watcher:
         )
         self.unsaved = 0
         self.saved_at = time.monotonic()
+        self.save_failures = 0
         self.skipped = 0
 
     def seen(self, path: Path) -> bool:
@@ -246,19 +249,29 @@ class Watcher:
             log.warning("MATCH %s ~ %s score %.3f (threshold %.2f)",
                         path.name, label, score, self.args.threshold)
 
-    def save(self) -> None:
+    def save(self) -> bool:
+        """Save if there is anything new; False when the index could not be saved."""
         self.saved_at = time.monotonic()
         if not self.unsaved:
-            return
+            return True
         try:
             self.index.save()
-        except (OSError, ConceptIndexError) as exc:  # disk full, read-only mount: try later
-            log.error("could not save index %s (%s); will retry", self.args.index, exc)
-            return
+        except (OSError, ConceptIndexError) as exc:
+            # Disk full, a read-only mount, or another program saved this index since we
+            # loaded it (the index refuses to overwrite that). Retry a few times, then stop:
+            # a restart loads the other program's changes, and the frames not saved yet are
+            # not in the index, so they are simply picked up again.
+            self.save_failures += 1
+            log.error("could not save the index: %s", exc)
+            if self.save_failures >= MAX_SAVE_FAILURES:
+                self.stop_reason = "the index cannot be saved; restart to pick up where it was"
+            return False
         log.info("saved index %s (%d items)", self.args.index, len(self.index))
-        self.unsaved = 0
+        self.unsaved = self.save_failures = 0
+        return True
 
-    def run(self) -> None:
+    def run(self) -> bool:
+        """Watch until stopped; False when the index could not be saved."""
         ignored = ", ".join(self.args.ignore_concept) or "none"
         log.info(
             "watching %s -> index %s (%d items, model %s); watch list: %d; threshold %.2f; "
@@ -286,8 +299,10 @@ class Watcher:
             if self.args.once and not self.frames.pending:
                 break
             time.sleep(self.args.interval)
-        self.save()
-        log.info("stopped (%s)", self.stop_reason or "nothing left to do")
+        saved = self.save_failures < MAX_SAVE_FAILURES and self.save()
+        level = logging.INFO if saved else logging.ERROR
+        log.log(level, "stopped (%s)", self.stop_reason or "nothing left to do")
+        return saved
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -334,8 +349,7 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    watcher.run()
-    return 0
+    return 0 if watcher.run() else 1
 
 
 if __name__ == "__main__":
