@@ -997,7 +997,7 @@ class ConceptIndex:
                     if entry != version and (
                         _VERSION_RE.match(entry) or entry.startswith(_TMP_PREFIX)
                     ):
-                        shutil.rmtree(target / entry, ignore_errors=True)
+                        _remove(target / entry)
             self.path = target
             self._base_version = version
         return target
@@ -1269,6 +1269,15 @@ def _dir_lock(root: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
+def _remove(path: Path) -> None:
+    """Clear debris of an earlier (killed) save: a version or temp directory, or a temp file."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(OSError):
+            path.unlink()
 
 
 def _same_dir(a: Path, b: Path) -> bool:

@@ -385,6 +385,7 @@ def test_save_refuses_foreign_or_changed_directories(tmp_path, gallery):
     # debris of a killed save is ignored by load and cleared by the next save
     (folder / ".tmp-999-deadbeef").mkdir()
     (folder / "v-000099-0badf00d").mkdir()
+    (folder / ".tmp-current-999-deadbeef").write_text("{}")
     loaded = ConceptIndex.load(folder)
     loaded.save()
     assert sorted(p.name for p in folder.iterdir() if p.name != ".lock") == [

@@ -1,0 +1,397 @@
+"""`cmn-edge index ...` and `cmn-edge search` on real photos; bad input; kills during save."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from cmn_edge.cli import main
+from cmn_edge.index import ConceptIndex
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run(*args: str):
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+def snapshot(folder: Path) -> dict[str, str]:
+    """Every file under an index directory and its sha256 (the lock file aside)."""
+    if not folder.exists():
+        return {}
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name != ".lock"
+    }
+
+
+def assert_one_line_error(result, *needles: str) -> None:
+    assert result.exit_code != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: "), lines[0]
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+
+
+@pytest.fixture
+def metadata_csv(labelled_folder: Path) -> Path:
+    csv = labelled_folder / "labels.csv"
+    rows = ["path,label,kind"]
+    for image in sorted(labelled_folder.rglob("*.jpg")):
+        kind = "vehicle" if image.parent.name in ("rocket", "motorcycle") else "other"
+        rows.append(f"{image.relative_to(labelled_folder)},{image.parent.name},{kind}")
+    csv.write_text("\n".join(rows) + "\n")
+    return csv
+
+
+@pytest.fixture
+def built(tmp_path: Path, labelled_folder: Path, embedder) -> Path:
+    """The labelled photos indexed through the API with the session's embedder (the CLI
+    build has its own test): a model load per test would dominate the run time."""
+    paths = sorted(labelled_folder.rglob("*.jpg"))
+    index = ConceptIndex.for_embedder(embedder, precision="int8")
+    kinds = {"rocket": "vehicle", "motorcycle": "vehicle"}
+    index.add(
+        embedder.embed(paths), [str(p.resolve()) for p in paths],
+        [{"label": p.parent.name, "kind": kinds.get(p.parent.name, "other")} for p in paths],
+    )
+    return index.save(tmp_path / "gallery.idx")
+
+
+def search_json(folder: Path, *args: str) -> dict:
+    result = run("search", *args, "--index", folder, "--json")
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+def test_build_info_and_search(tmp_path, labelled_folder, metadata_csv, embedder):
+    built = tmp_path / "cli.idx"
+    result = run("index", "build", labelled_folder, "--index", built, "--metadata",
+                 metadata_csv, "--threads", "2")
+    assert result.exit_code == 0, result.output
+    assert "indexed 15 images" in result.stdout and result.stderr == ""
+    info = run("index", "info", "--index", built, "--json")
+    assert info.exit_code == 0, info.output
+    manifest = json.loads(info.stdout)
+    assert manifest["counts"]["items"] == 15
+    assert manifest["model"]["id"] == embedder.model_id
+    assert manifest["num_concepts"] == embedder.num_concepts
+    assert manifest["metadata_keys"] == ["kind", "label"]
+    text = run("index", "info", "--index", built)
+    assert "items:     15" in text.stdout
+
+    cat = labelled_folder / "cat" / "original.jpg"
+    out = search_json(built, cat, "-k", "4", "--threads", "2")
+    assert set(out) == {"query", "query_kind", "model", "index", "k", "exact", "control",
+                        "results"}
+    assert out["query_kind"] == "image" and out["model"] == embedder.model_id
+    results = out["results"]
+    assert [r["rank"] for r in results] == [1, 2, 3, 4]
+    assert set(results[0]) == {"rank", "id", "score", "path", "metadata"}
+    assert results[0]["path"] == str(cat.resolve()) and results[0]["score"] == pytest.approx(1,
+                                                                                              abs=1e-4)
+    assert results[0]["metadata"] == {"kind": "other", "label": "cat"}
+    assert [r["score"] for r in results] == sorted((r["score"] for r in results), reverse=True)
+    assert search_json(built, "id:0", "-k", "4", "--exact")["results"] == search_json(
+        built, "id:0", "-k", "4")["results"]
+
+    plain = run("search", cat, "--index", built, "-k", "2", "--threads", "2")
+    assert plain.exit_code == 0
+    lines = plain.stdout.splitlines()
+    assert len(lines) == 2 and str(cat.resolve()) in lines[0] and "label=cat" in lines[0]
+
+
+def test_id_query_where_filter_and_concept_controls(built):
+    out = search_json(built, "id:0", "-k", "3", "--where", "kind=vehicle")
+    assert out["query_kind"] == "id" and out["query_id"] == 0
+    assert all(r["metadata"]["kind"] == "vehicle" for r in out["results"])
+    assert all(r["id"] != 0 for r in out["results"])
+    bare = search_json(built, "0", "-k", "3", "--where", "kind=vehicle")
+    assert bare["results"] == out["results"]
+
+    masked = search_json(built, "id:3", "-k", "5", "--exclude-concept", "1,2",
+                         "--exclude-concept", "7", "--concept-weight", "9=2.5")
+    assert masked["control"]["exclude"] == [1, 2, 7]
+    assert masked["control"]["weights"] == {"9": 2.5}
+    index = ConceptIndex.load(built)
+    q = index.embedding(3)
+    w = np.ones(index.num_concepts)
+    w[[1, 2, 7]] = 0
+    w[9] = 2.5
+    for r in masked["results"]:
+        assert r["score"] == pytest.approx(float((q * w) @ index.embedding(r["id"])), abs=1e-5)
+
+    renorm = search_json(built, "id:3", "-k", "2", "--only-concept", "0,1,2,3,4,5,6,7",
+                         "--renormalize")
+    for r in renorm["results"]:
+        qm, gm = q[:8], index.embedding(r["id"])[:8]
+        cosine = float(qm @ gm / np.linalg.norm(qm) / np.linalg.norm(gm))
+        assert r["score"] == pytest.approx(cosine, abs=1e-5)
+
+    few = run("search", "id:0", "--index", built, "-k", "5", "--where", "label=rocket")
+    assert few.exit_code == 0
+    assert len(few.stdout.splitlines()) == 3 and "only 3 item(s) match" in few.stderr
+
+
+def test_name_concept_and_explain(built):
+    named = run("index", "name-concept", "--index", built, "11", "beak")
+    assert named.exit_code == 0, named.output
+    assert ConceptIndex.load(built).concept_names == {11: "beak"}
+    by_name = search_json(built, "id:2", "-k", "3", "--exclude-concept", "beak",
+                          "--concept-weight", "beak=0")
+    by_index = search_json(built, "id:2", "-k", "3", "--exclude-concept", "11")
+    assert by_name["results"] == by_index["results"]
+
+    out = search_json(built, "id:2", "-k", "2", "--explain", "--explain-top", "512")
+    for r in out["results"]:
+        top = r["top_concepts"]
+        assert sum(c["contribution"] for c in top) == pytest.approx(r["score"], abs=1e-4)
+        assert [c["name"] for c in top if c["index"] == 11] == ["beak"]
+        assert set(top[0]) == {"index", "name", "contribution", "share"}
+    text = run("search", "id:2", "--index", built, "-k", "1", "--explain")
+    assert "concepts:" in text.stdout.splitlines()[1]
+
+    cleared = run("index", "name-concept", "--index", built, "beak", "--clear")
+    assert cleared.exit_code == 0 and ConceptIndex.load(built).concept_names == {}
+
+
+def test_add_update_and_remove(built, labelled_folder, photos, tmp_path):
+    extra = tmp_path / "extra"
+    extra.mkdir()
+    (extra / "coffee-copy.jpg").write_bytes(photos["coffee"].read_bytes())
+    added = run("index", "add", extra, "--index", built)
+    assert added.exit_code == 0, added.output
+    assert "added 1, updated 0; 16 items" in added.stdout
+    again = run("index", "add", extra / "coffee-copy.jpg", "--index", built)
+    assert "added 0, updated 1; 16 items" in again.stdout
+    top = search_json(built, photos["coffee"], "-k", "1")["results"][0]
+    assert top["score"] == pytest.approx(1, abs=1e-4)
+
+    index = ConceptIndex.load(built)
+    copy_id = index.id_for_path(str((extra / "coffee-copy.jpg").resolve()))
+    removed = run("index", "remove", f"id:{copy_id}", labelled_folder / "cat" / "crop.jpg",
+                  "--index", built)
+    assert removed.exit_code == 0, removed.output
+    index = ConceptIndex.load(built)
+    assert len(index) == 14 and copy_id not in index
+    assert index.id_for_path(str((labelled_folder / "cat" / "crop.jpg").resolve())) is None
+
+
+def test_build_skips_corrupt_images_only_when_asked(tmp_path, labelled_folder):
+    broken = labelled_folder / "cat" / "broken.jpg"
+    broken.write_bytes(b"\xff\xd8\xff\xe0 this is not a jpeg")
+    folder = tmp_path / "skip.idx"
+    result = run("index", "build", labelled_folder, "--index", folder)
+    assert_one_line_error(result, "broken.jpg")
+    assert not folder.exists()
+    result = run("index", "build", labelled_folder, "--index", folder, "--skip-errors")
+    assert result.exit_code == 0, result.output
+    assert "broken.jpg" in result.stderr and "indexed 15 images" in result.stdout
+
+
+@pytest.fixture(scope="module")
+def other_model(tmp_path_factory) -> Path:
+    """The bundled model with one byte of its doc string changed: a different model file."""
+    onnx = pytest.importorskip("onnx")
+    from cmn_edge.registry import resolve_model_path
+
+    model = onnx.load(str(resolve_model_path(None, "int8")))
+    model.doc_string = (model.doc_string or "") + " (a copy)"
+    path = tmp_path_factory.mktemp("models") / "other.onnx"
+    onnx.save(model, str(path))
+    return path
+
+
+def corrupt_version_file(folder: Path, name: str) -> None:
+    version = folder / json.loads((folder / "current").read_text())["version"]
+    data = bytearray((version / name).read_bytes())
+    data[-1] ^= 0x01
+    (version / name).write_bytes(bytes(data))
+
+
+BAD_SEARCHES = [
+    # (extra arguments, text the one-line error must hold)
+    (["-k", "99"], "k=99 is larger than the gallery"),
+    (["--exclude-concept", "100000"], "concept 100000 is out of range"),
+    (["--only-concept", "wing"], "unknown concept name 'wing'"),
+    (["--concept-weight", "3=heavy"], "weight is not a number"),
+    (["--concept-weight", "3"], "expected KEY=VALUE"),
+    (["--where", "colour=red"], "no item has metadata key 'colour'"),
+    (["-k", "0"], "k must be at least 1"),
+]
+
+
+@pytest.mark.parametrize("extra,needle", BAD_SEARCHES)
+def test_bad_search_arguments(built, extra, needle):
+    before = snapshot(built)
+    result = run("search", "id:0", "--index", built, *extra)
+    assert_one_line_error(result, needle)
+    assert snapshot(built) == before
+
+
+def test_bad_queries(built, tmp_path):
+    assert_one_line_error(run("search", "id:999", "--index", built), "id:999", "no item")
+    assert_one_line_error(run("search", tmp_path / "nope.jpg", "--index", built),
+                          "nope.jpg", "no such image")
+    junk = tmp_path / "junk.jpg"
+    junk.write_bytes(b"not an image")
+    assert_one_line_error(run("search", junk, "--index", built), "junk.jpg")
+
+
+def test_broken_index_directories(built, tmp_path, labelled_folder):
+    cat = labelled_folder / "cat" / "original.jpg"
+    missing = tmp_path / "missing.idx"
+    for args in (["search", cat], ["index", "info"], ["index", "add", cat],
+                 ["index", "remove", "1"], ["index", "name-concept", "1", "x"]):
+        assert_one_line_error(run(*args, "--index", missing), str(missing), "not found")
+    assert not missing.exists()
+
+    empty = tmp_path / "empty.idx"
+    empty.mkdir()
+    assert_one_line_error(run("search", cat, "--index", empty), str(empty), "not a cmn-edge index")
+
+    for name in ("hnsw.bin", "embeddings.npy", "metadata.sqlite", "manifest.json"):
+        copy = tmp_path / f"tampered-{name}"
+        ConceptIndex.load(built).save(copy)
+        corrupt_version_file(copy, name)
+        before = snapshot(copy)
+        for args in (["search", "id:0"], ["index", "info"], ["index", "add", cat],
+                     ["index", "remove", "1"]):
+            result = run(*args, "--index", copy)
+            assert_one_line_error(result, name, "checksum mismatch")
+        assert snapshot(copy) == before
+
+
+def test_model_mismatch(built, other_model, labelled_folder):
+    before = snapshot(built)
+    cat = labelled_folder / "cat" / "original.jpg"
+    for args in (["search", cat], ["index", "add", cat]):
+        result = run(*args, "--index", built, "--model", other_model)
+        assert_one_line_error(result, str(built), "built with model", "query model")
+    assert snapshot(built) == before
+
+
+def test_bad_builds_write_nothing(tmp_path, labelled_folder, built):
+    empty = tmp_path / "no-images"
+    empty.mkdir()
+    (empty / "readme.txt").write_text("no images here")
+    target = tmp_path / "new.idx"
+    assert_one_line_error(run("index", "build", empty, "--index", target), "no images found")
+    assert_one_line_error(run("index", "build", tmp_path / "nowhere", "--index", target),
+                          "nowhere", "not found")
+    assert not target.exists()
+
+    before = snapshot(built)
+    assert_one_line_error(run("index", "build", labelled_folder, "--index", built),
+                          str(built), "already holds an index")
+    assert snapshot(built) == before
+
+    bad_csv = tmp_path / "bad.csv"
+    bad_csv.write_text("file,label\ncat/original.jpg,cat\n")
+    assert_one_line_error(
+        run("index", "build", labelled_folder, "--index", target, "--metadata", bad_csv),
+        "bad.csv", "'path' column",
+    )
+    bad_csv.write_text(f"path,label\n{labelled_folder}/cat/nope.jpg,cat\n")
+    assert_one_line_error(
+        run("index", "build", labelled_folder, "--index", target, "--metadata", bad_csv),
+        "bad.csv:2", "not found",
+    )
+    assert not target.exists()
+
+
+def test_bad_changes_write_nothing(built, tmp_path, labelled_folder):
+    before = snapshot(built)
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    assert_one_line_error(run("index", "add", broken, "--index", built), "broken.jpg")
+    assert_one_line_error(run("index", "add", tmp_path / "absent.jpg", "--index", built),
+                          "absent.jpg")
+    assert_one_line_error(run("index", "remove", "3", "12345", "--index", built),
+                          "12345", "not in the index")
+    assert_one_line_error(run("index", "name-concept", "--index", built, "99999", "x"),
+                          "out of range")
+    assert_one_line_error(run("index", "name-concept", "--index", built, "4", "17"),
+                          "looks like an index")
+    assert snapshot(built) == before
+    assert len(ConceptIndex.load(built)) == 15
+
+
+CHILD = textwrap.dedent(
+    """
+    import sys
+    import numpy as np
+    from cmn_edge.index import ConceptIndex
+
+    folder, seed = sys.argv[1], int(sys.argv[2])
+    index = ConceptIndex.load(folder)
+    rng = np.random.default_rng(seed)
+    while True:
+        x = rng.standard_normal((7, index.num_concepts)).astype(np.float32)
+        index.add(x)
+        print("saving", len(index), flush=True)
+        index.save()
+        print("saved", len(index), flush=True)
+    """
+)
+
+
+def test_kill_during_save_leaves_old_or_new_index(tmp_path):
+    """SIGKILL a process that saves a large-ish index over and over, at random moments."""
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "big.idx"
+    dim = 64
+    start = ConceptIndex(dim, "kill-test@0", M=8, ef_construction=32)
+    x = rng.standard_normal((20000, dim)).astype(np.float32)
+    start.add(x)
+    start.save(folder)
+    script = tmp_path / "saver.py"
+    script.write_text(CHILD)
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    count = 20000
+    outcomes = {"old": 0, "new": 0}
+    for attempt in range(6):
+        child = subprocess.Popen(
+            [sys.executable, str(script), str(folder), str(1000 + attempt)],
+            stdout=subprocess.PIPE, text=True, env=env,
+        )
+        # time one whole save, then kill at a random moment of the following add + save
+        assert child.stdout.readline().startswith("saving")
+        began = time.monotonic()
+        first = child.stdout.readline()
+        assert first.startswith("saved")
+        cycle = time.monotonic() - began
+        time.sleep(float(rng.uniform(0.0, 1.2 * cycle)))
+        child.send_signal(signal.SIGKILL)
+        lines = child.communicate()[0].splitlines()
+        child.wait()
+        saved = [int(line.split()[1]) for line in [first, *lines] if line.startswith("saved")]
+        last_saved = saved[-1]
+        index = ConceptIndex.load(folder)  # verifies every checksum
+        # the kill fell before, during or after the save that was under way
+        assert len(index) in (last_saved, last_saved + 7), (len(index), last_saved)
+        outcomes["old" if len(index) == last_saved else "new"] += 1
+        manifest_items = index.manifest()["counts"]["items"]
+        assert manifest_items == len(index)
+        probe = index.ids[-1]
+        assert index.search_ids(index.embedding(probe), 1, exact=True)[0][0] == probe
+        count = len(index)
+    assert count >= 20000 + 6 * 7  # every child completed at least one save
+    assert outcomes["old"] + outcomes["new"] == 6
+    leftovers = [p.name for p in folder.iterdir() if p.name not in ("current", ".lock")]
+    assert sum(name.startswith("v-") for name in leftovers) >= 1
+    ConceptIndex.load(folder).save()  # and the next save clears every stale version
+    assert len([p for p in folder.iterdir() if p.name not in ("current", ".lock")]) == 1
