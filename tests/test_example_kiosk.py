@@ -185,27 +185,23 @@ def test_kiosk_in_a_real_browser(
     shown = {int(c.get_attribute("data-concept")): c.text for c in chips}
     assert shown == {i: named_index.get(i, f"#{i}") for i in shown}  # names where named
     assert set(shown) & set(named_index)
+    off = chips[0].get_attribute("data-concept")
     chips[0].click()
     wait.until(lambda d: d.find_element("id", "results").get_attribute("data-version") == "2")
     assert chips[0].get_attribute("aria-pressed") == "false"
     second = scores(browser)
     assert dict(second) != dict(first), "switching the top concept off changed no score"
     assert "without 1 concept" in browser.find_element("id", "status").text
-    # and on again: back to the first scores exactly
-    chips[0].click()
-    wait.until(lambda d: d.find_element("id", "results").get_attribute("data-version") == "3")
-    assert dict(scores(browser)) == dict(first)
 
-    # "Why?" on the top hit draws the explanation heatmap.
+    # "Why?" on the top hit draws the heatmap of the score shown: that concept left out.
     browser.find_element("css selector", "#results .hit .why").click()
-    wait.until(lambda d: d.execute_script(
-        "const i = document.getElementById('heatmap');"
-        "return i.complete && i.naturalWidth > 0;"
-    ))
+    wait.until(heatmap_loaded(f"?off={off}"))
     assert browser.find_element("id", "explain").is_displayed()
+    assert "without 1 concept" in browser.find_element("id", "explain-title").text
     width = browser.execute_script("return document.getElementById('heatmap').naturalWidth")
     assert width > 400
     assert "error" not in browser.find_element("id", "status").get_attribute("class")
+    masked_png = fetch(browser.find_element("id", "heatmap").get_attribute("src"))
 
     # The whole page in one picture: grow the window to the page's height.
     height = browser.execute_script("return document.documentElement.scrollHeight")
@@ -217,6 +213,32 @@ def test_kiosk_in_a_real_browser(
         shutil.copy(shot, "/tmp/kiosk_screenshot.png")
     except OSError:
         pass
+
+    # On again: the first scores exactly, and the open explanation follows.
+    chips[0].click()
+    wait.until(lambda d: d.find_element("id", "results").get_attribute("data-version") == "3")
+    assert dict(scores(browser)) == dict(first)
+    wait.until(heatmap_loaded(".png"))
+    full_png = fetch(browser.find_element("id", "heatmap").get_attribute("src"))
+    assert masked_png != full_png  # a different score and legend were drawn
+
+
+def heatmap_loaded(src_ends: str):
+    def check(driver) -> bool:
+        return driver.execute_script(
+            "const i = document.getElementById('heatmap');"
+            "return i.src.endsWith(arguments[0]) && i.complete && i.naturalWidth > 0;",
+            src_ends,
+        )
+
+    return check
+
+
+def fetch(url: str) -> bytes:
+    with urllib.request.urlopen(url, timeout=WAIT) as reply:
+        data = reply.read()
+    assert data.startswith(b"\x89PNG"), url
+    return data
 
 
 def test_kiosk_rejects_a_file_that_is_not_a_photo(kiosk: str, browser, tmp_path: Path) -> None:

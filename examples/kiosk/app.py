@@ -12,6 +12,7 @@ were found in both photos (``cmn_edge.explain`` + ``cmn_edge.render``).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import io
 import shutil
 import signal
@@ -29,7 +30,7 @@ from PIL import Image
 from werkzeug.utils import secure_filename
 
 from cmn_edge import Embedder, ImageError
-from cmn_edge.explain import explain
+from cmn_edge.explain import ConceptTerm, Explanation, explain, share_of
 from cmn_edge.index import ConceptIndex, ConceptIndexError
 from cmn_edge.preprocess import open_image
 from cmn_edge.render import pair_figure
@@ -38,6 +39,7 @@ from cmn_edge.render import pair_figure
 MAX_QUERIES = 64
 THUMB_SIZE = 320
 CHIPS = 10
+FIGURE_CONCEPTS = 6
 
 
 @dataclass
@@ -165,12 +167,39 @@ def create_app(
             return error("unknown query or item", 404)
         path, _ = index.item(item_id)
         try:
-            result = explain(query.path, path, embedder, top=6, names=names)
-        except ImageError as exc:
-            return error(str(exc), 404)
-        return _send(pair_figure(result, scale=2), "PNG")
+            off = {index.resolve_concept(c) for c in request.args.get("off", "").split(",")
+                   if c.strip()}
+            result = explain(
+                query.path, path, embedder, top=FIGURE_CONCEPTS + len(off), names=names
+            )
+        except (ImageError, ConceptIndexError) as exc:
+            return error(str(exc).splitlines()[0], 404)
+        return _send(pair_figure(without(result, off), scale=2), "PNG")
 
     return app
+
+
+def without(result: Explanation, off: set[int]) -> Explanation:
+    """The explanation of the score the page shows when concepts are switched off.
+
+    Leaving concept i out of the query removes exactly its term q_i g_i from the score (the
+    index's ``exclude``), so the figure's score is the sum of the remaining terms and its top
+    concepts are the strongest of those.
+    """
+    if not off:
+        return result
+    contributions = result.contributions.copy()
+    contributions[list(off)] = 0.0
+    score = float(contributions.sum())
+
+    def terms(old: tuple[ConceptTerm, ...]) -> tuple[ConceptTerm, ...]:
+        kept = [t for t in old if t.index not in off][:FIGURE_CONCEPTS]
+        return tuple(t._replace(share=share_of(t.contribution, score)) for t in kept)
+
+    return dataclasses.replace(
+        result, score=score, contributions=contributions, top=terms(result.top),
+        against=terms(result.against),
+    )
 
 
 def _send(image: Image.Image, fmt: str, max_age: int | None = None):

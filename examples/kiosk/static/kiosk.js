@@ -25,6 +25,8 @@ async function send(photo) {
   }
   state.token = body.token;
   state.off = new Set();
+  state.chosen = null;
+  $("explain").hidden = true;
   showConcepts(body.concepts);
   await search();
 }
@@ -67,6 +69,11 @@ async function search() {
     return;
   }
   showResults(body.results);
+  if (state.chosen !== null) {  // keep the explanation in step with the scores shown
+    const card = document.querySelector(`.hit[data-id="${state.chosen}"]`);
+    if (card) explain({ id: state.chosen, name: card.dataset.name }, card);
+    else { state.chosen = null; $("explain").hidden = true; }
+  }
   const off = state.off.size ? ` without ${state.off.size} concept(s)` : "";
   setStatus(`${body.results.length} most similar photos${off}.`);
 }
@@ -108,13 +115,13 @@ function explain(hit, card) {
   state.chosen = hit.id;
   document.querySelectorAll(".hit.chosen").forEach((c) => c.classList.remove("chosen"));
   card.classList.add("chosen");
-  $("explain-title").textContent = `Why your photo matches ${hit.name}`;
-  $("heatmap").src = `/explain/${state.token}/${hit.id}.png`;
+  const off = [...state.off].join(",");
+  const without = off ? ` without ${state.off.size} concept(s)` : "";
+  $("explain-title").textContent = `Why your photo matches ${hit.name}${without}`;
+  $("heatmap").src = `/explain/${state.token}/${hit.id}.png` + (off ? `?off=${off}` : "");
   $("explain").hidden = false;
-  setStatus("Drawing where each concept was found…");
 }
 
-$("heatmap").addEventListener("load", () => setStatus("Each colour is one concept; lines join where it was found in both photos."));
 $("heatmap").addEventListener("error", () => setStatus("The explanation could not be drawn.", true));
 $("photo").addEventListener("change", (e) => send(e.target.files[0]));
 const drop = $("drop");
