@@ -130,20 +130,22 @@ class _RWLock:
         self._readers = 0
         self._writer = False
         self._waiting = 0
+        self._read_guard = _ReadGuard(self)
 
-    @contextlib.contextmanager
-    def read(self) -> Iterator[None]:
+    def read(self) -> _ReadGuard:
+        return self._read_guard  # a plain object, not a generator: cheap on the query path
+
+    def acquire_read(self) -> None:
         with self._cond:
             while self._writer or self._waiting:
                 self._cond.wait()
             self._readers += 1
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._readers -= 1
-                if not self._readers:
-                    self._cond.notify_all()
+
+    def release_read(self) -> None:
+        with self._cond:
+            self._readers -= 1
+            if not self._readers:
+                self._cond.notify_all()
 
     @contextlib.contextmanager
     def write(self) -> Iterator[None]:
@@ -159,6 +161,19 @@ class _RWLock:
             with self._cond:
                 self._writer = False
                 self._cond.notify_all()
+
+
+class _ReadGuard:
+    __slots__ = ("_lock",)
+
+    def __init__(self, lock: _RWLock) -> None:
+        self._lock = lock
+
+    def __enter__(self) -> None:
+        self._lock.acquire_read()
+
+    def __exit__(self, *exc) -> None:
+        self._lock.release_read()
 
 
 class ConceptIndex:
@@ -219,6 +234,7 @@ class ConceptIndex:
         self._rows = 0  # high-water mark of used rows
         self._free: list[int] = []
         self._row_of: dict[int, int] = {}
+        self._id_rows = np.full(capacity, -1, dtype=np.int64)  # id -> row, vectorised lookups
         # per-concept max of g_i^2 over the gallery: an upper bound kept on every add (a
         # removal leaves it a valid, looser bound), for the renormalised-search stopping test
         self._colmax2 = np.zeros(self.num_concepts, dtype=np.float32)
@@ -278,6 +294,16 @@ class ConceptIndex:
             )
 
     # ------------------------------------------------------------------ writes
+    def _query_vector(self, query: np.ndarray | Sequence) -> np.ndarray:
+        """One query, unit norm; the hot-path twin of :meth:`_vectors`."""
+        q = np.asarray(query, dtype=np.float32)
+        if q.shape != (self.num_concepts,):
+            return self._vectors(q)[0]
+        norm2 = float(np.dot(q, q))
+        if not math.isfinite(norm2) or norm2 == 0:
+            return self._vectors(q)[0]  # raises the precise error
+        return q * np.float32(1.0 / math.sqrt(norm2))
+
     def _vectors(self, embeddings: np.ndarray | Sequence) -> np.ndarray:
         array = np.asarray(embeddings, dtype=np.float32)
         if array.ndim == 1:
@@ -351,6 +377,7 @@ class ConceptIndex:
                 if row is None:
                     row = self._free.pop() if self._free else self._take_row_unlocked()
                     self._row_of[item_id] = row
+                    self._set_id_row(item_id, row)
                     self._row_ids[row] = item_id
                     self._alive[row] = True
                 self._emb[row] = vectors[i]
@@ -369,6 +396,13 @@ class ConceptIndex:
                             [(item_id, k, v) for k, v in clean_meta[i].items()],
                         )
         return ids
+
+    def _set_id_row(self, item_id: int, row: int) -> None:
+        if item_id >= len(self._id_rows):
+            grown = np.full(max(2 * len(self._id_rows), item_id + 1), -1, dtype=np.int64)
+            grown[: len(self._id_rows)] = self._id_rows
+            self._id_rows = grown
+        self._id_rows[item_id] = row
 
     def _take_row_unlocked(self) -> int:
         if self._rows == len(self._emb):
@@ -433,6 +467,7 @@ class ConceptIndex:
             for item_id in dict.fromkeys(item_ids):
                 self._hnsw.mark_deleted(item_id)
                 row = self._row_of.pop(item_id)
+                self._id_rows[item_id] = -1
                 self._alive[row] = False
                 self._row_ids[row] = -1
                 self._free.append(row)
@@ -479,14 +514,15 @@ class ConceptIndex:
         marks = ",".join("?" * len(ids))
         with self._db_lock:
             rows = self._db.execute(
-                f"SELECT id, path FROM items WHERE id IN ({marks})", list(ids)
+                "SELECT items.id, items.path, meta.key, meta.value FROM items LEFT JOIN meta "
+                f"ON meta.id = items.id WHERE items.id IN ({marks}) ORDER BY meta.key",
+                list(ids),
             ).fetchall()
-            meta = self._db.execute(
-                f"SELECT id, key, value FROM meta WHERE id IN ({marks}) ORDER BY key", list(ids)
-            ).fetchall()
-        out: dict[int, tuple[str | None, dict]] = {i: (p, {}) for i, p in rows}
-        for item_id, key, value in meta:
-            out[item_id][1][key] = value
+        out: dict[int, tuple[str | None, dict]] = {}
+        for item_id, path, key, value in rows:
+            entry = out.setdefault(item_id, (path, {}))
+            if key is not None:
+                entry[1][key] = value
         return out
 
     def metadata_keys(self) -> list[str]:
@@ -535,6 +571,19 @@ class ConceptIndex:
         """A concept index from an index or a name; the error lists what would have worked."""
         return self._resolve_concept_unlocked(concept)
 
+    def _resolve_many(self, concepts: Iterable[ConceptRef]) -> np.ndarray:
+        """Indices of many concepts; a plain integer list or array skips the per-item path."""
+        if isinstance(concepts, (str, bytes)):
+            concepts = [concepts]
+        values = concepts if isinstance(concepts, np.ndarray) else list(concepts)
+        array = np.asarray(values) if len(values) else np.zeros(0, dtype=np.int64)
+        if array.dtype.kind in "iu" and array.ndim == 1:
+            if len(array) and (array.min() < 0 or array.max() >= self.num_concepts):
+                bad = next(int(c) for c in array if not 0 <= c < self.num_concepts)
+                self._resolve_concept_unlocked(bad)  # raises the usual message
+            return array.astype(np.int64)
+        return np.asarray([self._resolve_concept_unlocked(c) for c in values], dtype=np.int64)
+
     def _resolve_concept_unlocked(self, concept: ConceptRef) -> int:
         if isinstance(concept, (bool, np.bool_)):
             raise ConceptError(f"{self._where()}: {concept!r} is not a concept")
@@ -568,8 +617,8 @@ class ConceptIndex:
         renormalize: bool = False,
     ) -> _Plan:
         """Turn concept controls (indices or names) into one query-side weight vector."""
-        exclude = [self._resolve_concept_unlocked(c) for c in exclude]
-        only_list = None if only is None else [self._resolve_concept_unlocked(c) for c in only]
+        exclude = self._resolve_many(exclude)
+        only_list = None if only is None else self._resolve_many(only)
         weight_map = {}
         for concept, value in (weights or {}).items():
             value = float(value)
@@ -582,12 +631,12 @@ class ConceptIndex:
         if only_list is not None and not only_list:
             raise ConceptError(f"{self._where()}: 'only' names no concept")
         described = {
-            "exclude": sorted(set(exclude)),
-            "only": None if only_list is None else sorted(set(only_list)),
+            "exclude": sorted(set(exclude.tolist())),
+            "only": None if only_list is None else sorted(set(only_list.tolist())),
             "weights": {str(k): v for k, v in sorted(weight_map.items())},
             "renormalize": bool(renormalize),
         }
-        if not exclude and only_list is None and not weight_map:
+        if not len(exclude) and only_list is None and not weight_map:
             return _Plan(None, False, described)  # renormalising over every concept: plain
         w = np.ones(self.num_concepts, dtype=np.float32)
         if only_list is not None:
@@ -620,7 +669,7 @@ class ConceptIndex:
         wrong index); a ``where`` filter may leave fewer than k, and then fewer are returned.
         ``explain`` > 0 attaches that many top contributing concepts to every hit.
         """
-        q = self._vectors(query)[0]
+        q = self._query_vector(query)
         with self._lock.read():
             plan = self.plan(exclude, only, weights, renormalize)
             ids, scores = self._search_unlocked(q, k, plan, where, exact, set(exclude_ids))
@@ -638,7 +687,7 @@ class ConceptIndex:
         self, query: np.ndarray, k: int = 10, *, exact: bool = False, **controls
     ) -> tuple[np.ndarray, np.ndarray]:
         """(ids, scores) only: the search without the metadata look-up, for benchmarks."""
-        q = self._vectors(query)[0]
+        q = self._query_vector(query)
         where = controls.pop("where", None)
         exclude_ids = set(controls.pop("exclude_ids", ()))
         with self._lock.read():
@@ -729,9 +778,9 @@ class ConceptIndex:
         return labels[0].astype(np.int64), dist[0]
 
     def _candidate_rows(self, labels: np.ndarray, drop: set[int]) -> np.ndarray:
-        return np.fromiter(
-            (self._row_of[i] for i in labels.tolist() if i not in drop), dtype=np.int64
-        )
+        if drop:
+            labels = labels[~np.isin(labels, np.fromiter(drop, dtype=np.int64))]
+        return self._id_rows[labels]
 
     def _rescore_unlocked(
         self, q: np.ndarray, labels: np.ndarray, plan: _Plan, k: int, drop: set[int]
@@ -788,6 +837,8 @@ class ConceptIndex:
 
     def _scores(self, q: np.ndarray, plan: _Plan, rows: np.ndarray) -> np.ndarray:
         """Exact scores of ``rows``, in chunks so a large gallery needs little extra memory."""
+        if plan.weights is None and len(rows) <= 32768:
+            return self._emb[rows] @ q
         out = np.empty(len(rows), dtype=np.float32)
         if plan.weights is None:
             qv = q
@@ -811,7 +862,7 @@ class ConceptIndex:
     ) -> tuple[np.ndarray, np.ndarray]:
         scores = self._scores(q, plan, rows)
         ids = self._row_ids[rows]
-        if len(rows) > k:
+        if len(rows) > max(k, 512):
             # every row tied with the k-th score stays in, so the tie order is by id everywhere
             kth = np.partition(scores, len(scores) - k)[len(scores) - k]
             keep = scores >= kth
@@ -1129,6 +1180,11 @@ class ConceptIndex:
         self._row_ids[:n] = ids
         self._rows = n
         self._row_of = {int(i): r for r, i in enumerate(ids.tolist())}
+        self._id_rows = np.full(max(16, int(manifest["next_id"])), -1, dtype=np.int64)
+        if n:
+            if ids.min() < 0 or ids.max() >= int(manifest["next_id"]):
+                raise IndexCorruptError(f"{folder / IDS_FILE}: ids outside 0..next_id")
+            self._id_rows[ids] = np.arange(n)
         if n:
             self._colmax2 = (emb * emb).max(axis=0)
         try:
