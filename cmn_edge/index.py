@@ -628,7 +628,7 @@ class ConceptIndex:
                     f">= 0, not {value}"
                 )
             weight_map[self._resolve_concept_unlocked(concept)] = value
-        if only_list is not None and not only_list:
+        if only_list is not None and not len(only_list):
             raise ConceptError(f"{self._where()}: 'only' names no concept")
         described = {
             "exclude": sorted(set(exclude.tolist())),

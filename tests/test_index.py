@@ -197,6 +197,8 @@ def test_concept_names_resolve_everywhere(gallery, queries):
         idx.set_concept_name(3, "bill")
     with pytest.raises(ConceptError, match="leave no concept"):
         idx.search(queries[0], 3, only=[1, 2], exclude=[1, 2])
+    with pytest.raises(ConceptError, match="names no concept"):
+        idx.search(queries[0], 3, only=[])
     with pytest.raises(ConceptError, match=">= 0"):
         idx.search(queries[0], 3, weights={1: -1})
 
