@@ -187,11 +187,13 @@ def index() -> None:
 @click.option("--ef-construction", type=click.IntRange(1), default=200, show_default=True)
 @click.option("--ef", type=click.IntRange(1), default=64, show_default=True,
               help="Base search depth (raised by calibration where recall needs it).")
+@click.option("--exact-below", type=click.IntRange(0), default=2048, show_default=True,
+              help="Galleries (and --where subsets) this small are searched by brute force.")
 @click.option("--no-calibrate", is_flag=True, help="Keep --ef as given.")
 @click.option("--force", is_flag=True, help="Replace an index already in --index.")
 @user_errors
 def build(folder: Path, index_dir: Path, model, precision, threads, metadata_csv, batch_size,
-          skip_errors, M, ef_construction, ef, no_calibrate, force) -> None:
+          skip_errors, M, ef_construction, ef, exact_below, no_calibrate, force) -> None:
     """Embed every image below FOLDER into a new index."""
     if index_dir.exists() and not index_dir.is_dir():
         raise CliError(f"{index_dir}: exists and is not a directory")
@@ -209,13 +211,27 @@ def build(folder: Path, index_dir: Path, model, precision, threads, metadata_csv
         raise CliError(f"{folder}: no readable images (all {len(paths)} were skipped)")
     idx = ConceptIndex.for_embedder(
         embedder, model_ref=_model_ref(model), precision=precision, M=M,
-        ef_construction=ef_construction, ef=ef, capacity=len(kept),
+        ef_construction=ef_construction, ef=ef, exact_below=exact_below, capacity=len(kept),
     )
     resolved = [str(p.resolve()) for p in kept]
-    idx.add(np.concatenate(chunks), resolved, [metadata.get(p) for p in resolved])
-    if not no_calibrate and len(idx) > idx.exact_below:
-        result = idx.calibrate()
-        click.echo(f"calibrated ef={result['ef']} (recall@10 {result['recall']:.3f})", err=True)
+    vectors = np.concatenate(chunks)
+    meta = [metadata.get(p) for p in resolved]
+    n_held = min(200, len(kept) // 5)
+    if no_calibrate or not n_held or len(kept) - n_held <= idx.exact_below:
+        idx.add(vectors, resolved, meta)
+    else:
+        # hold some images back from the graph, use them as queries it has never seen to
+        # tune the search depth, then add them: calibration on in-graph items flatters recall
+        held = np.random.default_rng(0).choice(len(kept), size=n_held, replace=False)
+        rest = np.setdiff1d(np.arange(len(kept)), held)
+        idx.add(vectors[rest], [resolved[i] for i in rest], [meta[i] for i in rest])
+        result = idx.calibrate(queries=vectors[held])
+        idx.add(vectors[held], [resolved[i] for i in held], [meta[i] for i in held])
+        click.echo(
+            f"calibrated search depth ef={result['ef']}, mask exponent "
+            f"{result['mask_ef_power']:g} (recall@10 {result['recall']:.3f} on "
+            f"{result['queries']} held-back images)", err=True,
+        )
     idx.save(index_dir, overwrite=force)
     click.echo(f"indexed {len(idx)} images into {index_dir} ({embedder.model_id})")
 

@@ -53,7 +53,8 @@ def big(gallery: np.ndarray) -> ConceptIndex:
     """HNSW forced on (exact_below=0), one metadata key for filters."""
     idx = ConceptIndex(DIM, "test-model@0", exact_below=0)
     idx.add(gallery, [f"img/{i}.jpg" for i in range(len(gallery))],
-            [{"label": str(i % 7), "half": "a" if i < 1500 else "b"} for i in range(len(gallery))])
+            [{"label": str(i % 7), "half": "a" if i < 1500 else "b"} for i in range(len(gallery))],
+            num_threads=1)  # one thread: the same graph on every run
     return idx
 
 
@@ -406,18 +407,22 @@ def test_model_identity_is_enforced(tmp_path, gallery):
         loaded.check_model("other@1")
 
 
-def test_calibrate_raises_ef_until_recall_target():
+@pytest.mark.parametrize("held_out", [True, False])
+def test_calibrate_raises_ef_until_recall_target(held_out):
     rng = np.random.default_rng(5)
     hard = unit(rng, 3000, 48)  # isotropic: the hardest case for a graph walk
     idx = ConceptIndex(48, exact_below=0, M=4, ef_construction=16, ef=1, max_ef=2048)
-    idx.add(hard)
-    queries = unit(rng, 40, 48)
-    before = idx.recall(queries)
-    result = idx.calibrate(target=0.95, sample=60)
+    idx.add(hard, num_threads=1)  # one thread: the same graph on every run
+    queries, fresh = unit(rng, 60, 48), unit(rng, 60, 48)
+    before = idx.recall(fresh)
+    result = idx.calibrate(target=0.95, queries=queries if held_out else None, sample=60)
     assert before < 0.95
     assert result["ef"] > 1 and idx.ef == result["ef"]
-    assert result["recall"] >= 0.95
+    assert result["recall"] >= 0.95 and result["queries"] == 60
     assert all(value >= 0.95 for value in result["masked_recall"].values())
+    if held_out:  # tuned on unseen queries, it holds on other unseen queries
+        assert idx.recall(fresh) >= 0.93
+        assert idx.recall(fresh, exclude=list(range(0, 48, 2))) >= 0.93
 
 
 def test_concurrent_searches_while_adding_and_removing(gallery):
