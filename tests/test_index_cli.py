@@ -172,13 +172,16 @@ def test_add_update_and_remove(built, labelled_folder, photos, tmp_path):
     extra = tmp_path / "extra"
     extra.mkdir()
     (extra / "coffee-copy.jpg").write_bytes(photos["coffee"].read_bytes())
-    added = run("index", "add", extra, "--index", built)
+    (extra / "meta.csv").write_text("path,label,shop\ncoffee-copy.jpg,coffee,corner\n")
+    added = run("index", "add", extra, "--index", built, "--metadata", extra / "meta.csv")
     assert added.exit_code == 0, added.output
     assert "added 1, updated 0; 16 items" in added.stdout
     again = run("index", "add", extra / "coffee-copy.jpg", "--index", built)
     assert "added 0, updated 1; 16 items" in again.stdout
-    top = search_json(built, photos["coffee"], "-k", "1")["results"][0]
+    top = search_json(built, photos["coffee"], "-k", "1", "--where", "shop=corner")["results"][0]
     assert top["score"] == pytest.approx(1, abs=1e-4)
+    assert top["metadata"] == {"label": "coffee", "shop": "corner"}
+    assert top["path"] == str((extra / "coffee-copy.jpg").resolve())
 
     index = ConceptIndex.load(built)
     copy_id = index.id_for_path(str((extra / "coffee-copy.jpg").resolve()))
