@@ -4,7 +4,7 @@ Quantizes one FP32 CMN ONNX graph many ways with onnxruntime.quantization and ti
 variant the way the runtime runs it, next to the FP32 graph under the same session settings:
 
   python benchmarks/quant_sweep.py                      # default model, cub100 calibration
-  python benchmarks/quant_sweep.py --only u8s8,s8s8 --repeats 5      # quick look
+  python benchmarks/quant_sweep.py --only u8s8,s8s8 --rounds 2     # quick look
   python benchmarks/quant_sweep.py --json sweep.json    # keep the figures
 
 Levers (``--list`` prints them): QDQ vs QOperator, activation/weight types (U8S8, S8S8,
@@ -14,12 +14,14 @@ MatMuls / LayerNorm / Softmax), quant_pre_process, folding the backbone's data-d
 settings: optimisation level, a saved optimised model, threads, spinning, the memory arena,
 and the batch size.
 
-Columns: ``b1`` is the p50 wall time of one image; ``cpu`` the process CPU time of that run
-(steadier than wall time when other programs share the CPU); ``b32`` throughput in images
-per second; ``x`` the FP32/INT8 ratio of ``b1`` (and ``x32`` of b32) under the same session
-settings; ``cos`` the mean and minimum cosine between the variant's and the FP32 embeddings
-of held-out images (classes never used for calibration); ``qconv`` how many Conv nodes
-onnxruntime turned into integer kernels (after its own graph optimisation) out of all Convs.
+Columns: ``b1 p50``/``b1 min`` the median and the least wall time of one image; ``cpu``
+the process CPU time of that run (both threads, spinning included); ``x`` the FP32/variant
+ratio of ``b1 p50`` under the same session settings (and ``x32`` of the batch-32
+throughput ``b32 img/s``); ``cos`` the mean and minimum cosine between the variant's and
+the FP32 embeddings of held-out images (classes never used for calibration); ``qconv`` how
+many Conv nodes onnxruntime turned into integer kernels (after its own graph
+optimisation) out of all Convs. All graphs are timed in interleaved rounds, so that other
+work on the machine falls on all of them alike.
 
 The ``onnx`` package is used here (benchmarks are not the runtime) for graph edits and for
 the check that the head's input-independent parts are constants, and to cross-check the
@@ -80,7 +82,7 @@ class Quant:
     weight: str = "S8"
     per_channel: bool = True
     reduce_range: bool = False
-    #: depthwise, head_matmul, keys_attn_matmul, layernorm, softmax, shape_arith
+    #: depthwise, head_matmul, keys_attn_matmul, layernorm, softmax, shape_arith, head_all
     keep_float: tuple[str, ...] = ()
     pre_process: bool = True
     static_pads: bool = True
@@ -116,6 +118,10 @@ VARIANTS: dict[str, Quant] = {
     "u8s8-headfloat": Quant(
         keep_float=("head_matmul", "layernorm", "softmax"),
         note="the head's MatMuls, LayerNorm, Softmax float",
+    ),
+    "u8s8-headallfloat": Quant(
+        keep_float=("head_all",),
+        note="every node after the backbone float (export/quantize.py's default float_head)",
     ),
     "u8s8-attnfloat": Quant(
         keep_float=("keys_attn_matmul", "layernorm", "softmax"),
@@ -190,13 +196,16 @@ def fold_static_pads(source: Path, target: Path) -> int:
 
 
 def dynamic_pads(path: Path) -> int:
+    """Pad nodes whose amounts are computed from the input's shape at run time."""
     model = onnx.load(str(path), load_external_data=False)
-    constant = {i.name for i in model.graph.initializer}
-    constant |= {o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
+    reached = {i.name for i in model.graph.input}
+    for node in model.graph.node:
+        if any(i in reached for i in node.input):
+            reached.update(node.output)
     return sum(
         1
         for n in model.graph.node
-        if n.op_type == "Pad" and len(n.input) > 1 and n.input[1] not in constant
+        if n.op_type == "Pad" and len(n.input) > 1 and n.input[1] in reached
     )
 
 
@@ -231,6 +240,8 @@ def nodes_to_keep_float(model_path: Path, kinds: tuple[str, ...]) -> list[str]:
         if "head_matmul" in kinds and node.op_type == "MatMul" and node.name in HEAD_MATMULS:
             names.append(node.name)
         if "keys_attn_matmul" in kinds and node.name in HEAD_MATMULS[1:]:
+            names.append(node.name)
+        if "head_all" in kinds and not node.name.startswith("/backbone/"):
             names.append(node.name)
         if "layernorm" in kinds and node.op_type == "LayerNormalization":
             names.append(node.name)
@@ -324,8 +335,17 @@ def heldout_paths(folders: list[Path], count: int, seed: int) -> list[Path]:
 
 
 def quantize(
-    fp32: Path, variant: Quant, reader: ImageCalibrationReader, work: Path, name: str
+    fp32: Path,
+    variant: Quant,
+    reader: ImageCalibrationReader,
+    work: Path,
+    name: str,
+    reuse: bool = False,
 ) -> Path:
+    """The variant's graph in ``work`` (made again unless ``reuse`` and it is there)."""
+    out = work / f"{name}.onnx"
+    if reuse and out.exists():
+        return out
     source = fp32
     if variant.static_pads:
         source = work / f"{name}.pads.onnx"
@@ -336,7 +356,6 @@ def quantize(
         prepped = work / f"{name}.pre.onnx"
         quant_pre_process(str(source), str(prepped))
         source = prepped
-    out = work / f"{name}.onnx"
     reader.rewind()
     extra = {}
     if variant.fmt == "QOperator":
@@ -385,21 +404,54 @@ def make_session(path: Path, settings: Session, work: Path) -> tuple[ort.Inferen
     return session, time.perf_counter() - start
 
 
-def time_runs(session: ort.InferenceSession, batch: np.ndarray, repeats: int) -> dict:
-    feed = {INPUT_NAME: batch}
-    for _ in range(2):
-        session.run([OUTPUT_EMBEDDING], feed)
-    wall, cpu = [], []
-    for _ in range(repeats):
-        c0, t0 = time.process_time(), time.perf_counter()
-        session.run([OUTPUT_EMBEDDING], feed)
-        wall.append(time.perf_counter() - t0)
-        cpu.append(time.process_time() - c0)
-    return {
-        "p50_ms": 1000 * float(np.median(wall)),
-        "p90_ms": 1000 * float(np.percentile(wall, 90)),
-        "cpu_ms": 1000 * float(np.median(cpu)),
-    }
+class Timer:
+    """Wall and CPU times of many sessions, measured in interleaved rounds.
+
+    Other programs share this CPU; timing each candidate in its own block lets a burst of
+    their work land on one candidate. Round-robin rounds spread it over all of them, and the
+    minimum is reported beside the median as the least disturbed figure.
+    """
+
+    def __init__(self, size: int, batches: tuple[int, ...]) -> None:
+        self.inputs = {b: {INPUT_NAME: random_batch(b, size)} for b in batches}
+        self.sessions: dict[str, ort.InferenceSession] = {}
+        self.wall: dict[tuple[str, int], list[float]] = {}
+        self.cpu: dict[tuple[str, int], list[float]] = {}
+
+    def add(self, name: str, session: ort.InferenceSession) -> None:
+        self.sessions[name] = session
+        for feed in self.inputs.values():  # warm up: arena growth, first-run allocations
+            session.run(_first_output(session), feed)
+
+    def run(self, rounds: int, runs: dict[int, int]) -> None:
+        for _ in range(rounds):
+            for name, session in self.sessions.items():
+                outputs = _first_output(session)
+                for batch, count in runs.items():
+                    feed = self.inputs[batch]
+                    for _ in range(count):
+                        c0, t0 = time.process_time(), time.perf_counter()
+                        session.run(outputs, feed)
+                        self.wall.setdefault((name, batch), []).append(time.perf_counter() - t0)
+                        self.cpu.setdefault((name, batch), []).append(time.process_time() - c0)
+
+    def stats(self, name: str, batch: int) -> dict[str, float]:
+        wall = np.asarray(self.wall[(name, batch)]) * 1000
+        cpu = np.asarray(self.cpu[(name, batch)]) * 1000
+        return {
+            "p50_ms": float(np.median(wall)),
+            "p90_ms": float(np.percentile(wall, 90)),
+            "min_ms": float(wall.min()),
+            "cpu_ms": float(np.median(cpu)),
+            "img_s": 1000 * batch / float(np.median(wall)),
+            "runs": int(wall.size),
+        }
+
+
+def _first_output(session: ort.InferenceSession) -> list[str]:
+    """The embedding, or the feature map of a graph cut at the backbone."""
+    names = [o.name for o in session.get_outputs()]
+    return [OUTPUT_EMBEDDING] if OUTPUT_EMBEDDING in names else names[:1]
 
 
 def optimised_op_counts(path: Path, work: Path) -> Counter:
@@ -414,42 +466,18 @@ def optimised_op_counts(path: Path, work: Path) -> Counter:
     return counts
 
 
-def measure(
-    path: Path,
-    settings: Session,
-    work: Path,
-    repeats: int,
-    big_repeats: int,
-    big_batch: int,
-    size: int,
-    heldout: np.ndarray,
-    reference: np.ndarray | None,
-) -> dict:
-    session, load_s = make_session(path, settings, work)
-    b1 = time_runs(session, random_batch(1, size), repeats)
-    big = time_runs(session, random_batch(big_batch, size), big_repeats)
-    emb = np.concatenate(
+def embeddings(path: Path, heldout: np.ndarray) -> np.ndarray:
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return np.concatenate(
         [
             session.run([OUTPUT_EMBEDDING], {INPUT_NAME: heldout[i : i + 16]})[0]
             for i in range(0, len(heldout), 16)
         ]
     )
-    result = {
-        "b1_ms": b1["p50_ms"],
-        "b1_p90_ms": b1["p90_ms"],
-        "b1_cpu_ms": b1["cpu_ms"],
-        f"b{big_batch}_img_s": 1000 * big_batch / big["p50_ms"],
-        f"b{big_batch}_cpu_ms_per_img": big["cpu_ms"] / big_batch,
-        "load_ms": 1000 * load_s,
-        "size_mb": path.stat().st_size / 1e6,
-    }
-    if reference is not None:
-        cos = np.sum(emb * reference, axis=1) / (
-            np.linalg.norm(emb, axis=1) * np.linalg.norm(reference, axis=1)
-        )
-        result["cos_mean"], result["cos_min"] = float(cos.mean()), float(cos.min())
-    result["_embeddings"] = emb
-    return result
+
+
+def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return np.sum(a * b, axis=1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
 
 
 # ------------------------------------------------------------------------------- main
@@ -469,14 +497,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--heldout-count", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=30, help="b1 runs per variant")
+    parser.add_argument("--rounds", type=int, default=8, help="interleaved timing rounds")
+    parser.add_argument("--b1-runs", type=int, default=5, help="batch-1 runs per round")
     parser.add_argument("--big-batch", type=int, default=32)
-    parser.add_argument("--big-repeats", type=int, default=5)
     parser.add_argument("--only", default="", help="comma-separated variant names")
     parser.add_argument(
         "--sessions",
         default="default,1thread,nospin,noarena,extended,basic,saved",
-        help="session settings tried on FP32 and the best INT8",
+        help="session settings tried on FP32 and the best INT8 ('' to skip)",
     )
     parser.add_argument(
         "--best",
@@ -486,6 +514,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--work", type=Path, default=None, help="keep the variants here")
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument(
+        "--reuse", action="store_true", help="time the variants already in --work again"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--list", action="store_true", help="print the variants and exit")
     args = parser.parse_args(argv)
@@ -502,20 +533,19 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown variants {unknown}; --list shows them")
 
-    fp32 = args.model
+    source = args.model
     meta = ModelMetadata.from_props(
-        {p.key: p.value for p in onnx.load(str(fp32), load_external_data=False).metadata_props},
-        str(fp32),
+        {p.key: p.value for p in onnx.load(str(source), load_external_data=False).metadata_props},
+        str(source),
     )
     size = meta.preprocess.input_size
     print(
-        f"# {fp32} ({meta.backbone}, C={meta.num_concepts}); onnxruntime {ort.__version__}; "
-        f"load average {' '.join(f'{v:.2f}' for v in os.getloadavg())}",
+        f"# {source} ({meta.backbone}, C={meta.num_concepts}); onnxruntime {ort.__version__}; "
+        f"threads {args.threads}; load average {_load()}",
         flush=True,
     )
-
-    graph_check = head_nodes_on_concepts(fp32)
-    graph_check["dynamic_pads"] = dynamic_pads(fp32)
+    graph_check = head_nodes_on_concepts(source)
+    graph_check["dynamic_pads"] = dynamic_pads(source)
     print(f"# Pad nodes with data-dependent amounts: {graph_check['dynamic_pads']}")
     print("# head ops:", *graph_check["head_ops"], sep="\n#   ")
     print(f"# nodes computing only from constants: {graph_check['input_independent'] or 'none'}")
@@ -530,120 +560,132 @@ def main(argv: list[str] | None = None) -> int:
         flush=True,
     )
 
-    base = Session(threads=args.threads)
-    rows: dict[str, dict] = {}
     # The reference: the FP32 graph with constant pads, as the exporter now writes it (a
     # no-op for a graph that has them already); "fp32-dynpads" times the graph as given.
-    folded = fold_static_pads(fp32, work / "fp32.onnx")
-    print(f"# FP32 reference: {folded} data-dependent Pad amounts folded to constants")
     fp32 = work / "fp32.onnx"
-    fp32_row = measure(
-        fp32, base, work, args.repeats, args.big_repeats, args.big_batch, size, heldout, None
-    )
-    reference = fp32_row.pop("_embeddings")
-    rows["fp32"] = fp32_row
-    fp32_counts = optimised_op_counts(fp32, work)
-    rows["fp32"]["qconv"] = f"0/{fp32_counts['Conv'] + fp32_counts['FusedConv']}"
-    _print_header(args.big_batch)
-    _print_row("fp32", rows["fp32"], rows["fp32"], args.big_batch)
+    fold_static_pads(source, fp32)
+    reference = embeddings(fp32, heldout)
+    counts = optimised_op_counts(fp32, work)
+    rows: dict[str, dict] = {
+        "fp32": {
+            "qconv": f"0/{counts['Conv'] + counts['FusedConv']}",
+            "size_mb": fp32.stat().st_size / 1e6,
+        }
+    }
     paths: dict[str, Path] = {"fp32": fp32}
-    for name in names:
+    for name in names:  # phase 1: build every variant, measure what does not need a clock
         variant = VARIANTS[name]
         try:
             start = time.perf_counter()
-            path = quantize(args.model, variant, reader, work, name)
+            path = quantize(source, variant, reader, work, name, args.reuse)
             quant_s = time.perf_counter() - start
-            row = measure(
-                path,
-                base,
-                work,
-                args.repeats,
-                args.big_repeats,
-                args.big_batch,
-                size,
-                heldout,
-                reference,
-            )
+            cos = cosines(embeddings(path, heldout), reference)
+            counts = optimised_op_counts(path, work)
         except Exception as exc:  # a lever that breaks the quantizer is a finding too
             rows[name] = {"error": str(exc).splitlines()[0][:120] if str(exc) else repr(exc)}
             print(f"{name:22s} FAILED: {rows[name]['error']}", flush=True)
             continue
-        row.pop("_embeddings")
-        counts = optimised_op_counts(path, work)
         qconv = counts["QLinearConv"]
-        row["qconv"] = f"{qconv}/{qconv + counts['Conv'] + counts['FusedConv']}"
-        row["quantize_s"] = quant_s
-        row["settings"] = asdict(variant)
-        rows[name] = row
+        rows[name] = {
+            "cos_mean": float(cos.mean()),
+            "cos_min": float(cos.min()),
+            "qconv": f"{qconv}/{qconv + counts['Conv'] + counts['FusedConv']}",
+            "size_mb": path.stat().st_size / 1e6,
+            "quantize_s": quant_s,
+            "settings": asdict(variant),
+        }
         paths[name] = path
-        _print_row(name, row, rows["fp32"], args.big_batch)
+        print(f"# built {name} ({quant_s:.0f} s)", flush=True)
+
+    # Phase 2: every graph timed in interleaved rounds.
+    base = Session(threads=args.threads)
+    timer = Timer(size, (1, args.big_batch))
+    for name, path in paths.items():
+        session, load_s = make_session(path, base, work)
+        rows[name]["load_ms"] = 1000 * load_s
+        timer.add(name, session)
+    timer.run(args.rounds, {1: args.b1_runs, args.big_batch: 1})
+    for name in paths:
+        rows[name]["b1"] = timer.stats(name, 1)
+        rows[name]["big"] = timer.stats(name, args.big_batch)
+    del timer
+    print(f"\n# variants, {args.rounds} interleaved rounds; load average {_load()}")
+    _print_header(args.big_batch)
+    for name in rows:
+        if "error" in rows[name]:
+            print(f"{name:22s} FAILED: {rows[name]['error']}")
+        else:
+            _print_row(name, rows[name], rows["fp32"])
 
     # The fastest INT8 graph among the most faithful ones (within 0.01 mean cosine of the best).
     good = [
-        n
-        for n in rows
-        if VARIANTS.get(n, Quant(fmt="FP32")).fmt != "FP32" and "error" not in rows[n]
+        n for n in paths if n != "fp32" and VARIANTS[n].fmt != "FP32" and "error" not in rows[n]
     ]
     top = max((rows[n]["cos_mean"] for n in good), default=0.0)
     good = [n for n in good if rows[n]["cos_mean"] >= top - 0.01]
-    best = args.best or (min(good, key=lambda n: rows[n]["b1_ms"]) if good else "")
+    best = args.best or (min(good, key=lambda n: rows[n]["b1"]["p50_ms"]) if good else "")
     session_rows: dict[str, dict] = {}
+    batch_rows: dict[int, dict] = {}
+    shares: dict[str, dict] = {}
     if best and args.sessions:
-        print(f"\n# session settings, FP32 vs {best} (threads={args.threads} unless named)")
-        print(
-            f"{'session':10s} {'fp32 b1':>8s} {'int8 b1':>8s} {'x':>5s} "
-            f"{'fp32 b' + str(args.big_batch):>9s} {'int8 b' + str(args.big_batch):>9s} "
-            f"{'x32':>5s} {'fp32 load':>9s} {'int8 load':>9s}"
-        )
-        for sname in args.sessions.split(","):
-            settings = replace(
-                SESSIONS[sname],
-                threads=SESSIONS[sname].threads if sname == "1thread" else args.threads,
-            )
-            pair = {}
+        timer = Timer(size, (1, args.big_batch))
+        settings_used = [s for s in args.sessions.split(",") if s]
+        for sname in settings_used:
+            settings = SESSIONS[sname]
+            if sname != "1thread":
+                settings = replace(settings, threads=args.threads)
             for label, path in (("fp32", fp32), ("int8", paths[best])):
-                pair[label] = measure(
-                    path,
-                    settings,
-                    work,
-                    args.repeats,
-                    args.big_repeats,
-                    args.big_batch,
-                    size,
-                    heldout,
-                    None,
-                )
-                pair[label].pop("_embeddings")
-            session_rows[sname] = pair
+                session, load_s = make_session(path, settings, work)
+                session_rows.setdefault(sname, {})[label] = {"load_ms": 1000 * load_s}
+                timer.add(f"{sname}/{label}", session)
+        timer.run(args.rounds, {1: args.b1_runs, args.big_batch: 1})
+        print(
+            f"\n# session settings, FP32 vs {best} (threads={args.threads} unless named); "
+            f"load average {_load()}"
+        )
+        big = f"b{args.big_batch}"
+        print(
+            f"{'session':10s} {'fp32 b1':>8s} {'int8 b1':>8s} {'x':>5s} {'fp32 min':>8s} "
+            f"{'int8 min':>8s} {'fp32 ' + big:>9s} {'int8 ' + big:>9s} {'x' + big[1:]:>5s} "
+            f"{'fp32 load':>9s} {'int8 load':>9s}"
+        )
+        for sname in settings_used:
+            pair = session_rows[sname]
+            for label in ("fp32", "int8"):
+                pair[label]["b1"] = timer.stats(f"{sname}/{label}", 1)
+                pair[label]["big"] = timer.stats(f"{sname}/{label}", args.big_batch)
             f, i = pair["fp32"], pair["int8"]
-            key = f"b{args.big_batch}_img_s"
             print(
-                f"{sname:10s} {f['b1_ms']:8.2f} {i['b1_ms']:8.2f} {f['b1_ms'] / i['b1_ms']:5.2f} "
-                f"{f[key]:9.1f} {i[key]:9.1f} {i[key] / f[key]:5.2f} {f['load_ms']:9.0f} "
+                f"{sname:10s} {f['b1']['p50_ms']:8.2f} {i['b1']['p50_ms']:8.2f} "
+                f"{f['b1']['p50_ms'] / i['b1']['p50_ms']:5.2f} {f['b1']['min_ms']:8.2f} "
+                f"{i['b1']['min_ms']:8.2f} {f['big']['img_s']:9.1f} {i['big']['img_s']:9.1f} "
+                f"{i['big']['img_s'] / f['big']['img_s']:5.2f} {f['load_ms']:9.0f} "
                 f"{i['load_ms']:9.0f}",
                 flush=True,
             )
-        batch_rows = {}
-        print(f"\n# batching, {best} (default session): ms per image")
-        session, _ = make_session(paths[best], base, work)
-        fsession, _ = make_session(fp32, base, work)
-        for b in (1, 2, 4, 8, 16, 32):
-            reps = max(3, args.repeats // b)
-            i = time_runs(session, random_batch(b, size), reps)["p50_ms"] / b
-            f = time_runs(fsession, random_batch(b, size), reps)["p50_ms"] / b
-            batch_rows[b] = {"int8_ms_per_img": i, "fp32_ms_per_img": f}
+        del timer
+
+        batches = (1, 2, 4, 8, 16, 32)
+        timer = Timer(size, batches)
+        timer.add("fp32", make_session(fp32, base, work)[0])
+        timer.add("int8", make_session(paths[best], base, work)[0])
+        timer.run(max(3, args.rounds // 2), {b: max(1, 8 // b) for b in batches})
+        print(f"\n# batching, {best} (default session): ms per image; load average {_load()}")
+        for b in batches:
+            f = timer.stats("fp32", b)["p50_ms"] / b
+            i = timer.stats("int8", b)["p50_ms"] / b
+            batch_rows[b] = {"fp32_ms_per_img": f, "int8_ms_per_img": i}
             print(f"b{b:<3d} fp32 {f:6.2f}  int8 {i:6.2f}  x {f / i:4.2f}", flush=True)
+        del timer
 
         print("\n# head share of model time (b1): profiler method vs graph cut at the backbone")
-        shares = {}
         for label, path in (("fp32", fp32), ("int8", paths[best])):
             cut = backbone_cut(path, work / f"{path.stem}.backbone.onnx")
-            full_s, _ = make_session(path, base, work)
-            cut_s, _ = make_session(cut, base, work)
-            x = random_batch(1, size)
-            full_ms = time_runs(full_s, x, args.repeats)["p50_ms"]
-            feed = {INPUT_NAME: x}
-            cut_ms = 1000 * float(np.median([_timed(cut_s, feed) for _ in range(args.repeats)]))
+            timer = Timer(size, (1,))
+            timer.add("full", make_session(path, base, work)[0])
+            timer.add("cut", make_session(cut, base, work)[0])
+            timer.run(args.rounds, {1: args.b1_runs})
+            full_ms, cut_ms = timer.stats("full", 1)["p50_ms"], timer.stats("cut", 1)["p50_ms"]
             prof = head_share(path, args.threads, size)
             shares[label] = {
                 "profiler": prof,
@@ -657,15 +699,14 @@ def main(argv: list[str] | None = None) -> int:
                 f"  (full {full_ms:.2f} ms, backbone {cut_ms:.2f} ms)",
                 flush=True,
             )
-    else:
-        batch_rows, shares = {}, {}
 
-    print(f"\n# load average at the end: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
+    print(f"\n# load average at the end: {_load()}")
     if args.json:
         args.json.write_text(
             json.dumps(
                 {
-                    "model": str(fp32),
+                    "model": str(source),
+                    "threads": args.threads,
                     "graph_check": graph_check,
                     "variants": rows,
                     "best": best,
@@ -684,28 +725,27 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _timed(session: ort.InferenceSession, feed: dict) -> float:
-    start = time.perf_counter()
-    session.run(None, feed)
-    return time.perf_counter() - start
+def _load() -> str:
+    return " ".join(f"{v:.2f}" for v in os.getloadavg())
 
 
 def _print_header(big: int) -> None:
     print(
-        f"{'variant':22s} {'b1 ms':>7s} {'cpu ms':>7s} {'x':>5s} {'b' + str(big) + ' img/s':>10s} "
-        f"{'x32':>5s} {'cos mean':>8s} {'cos min':>8s} {'qconv':>6s} {'MB':>5s} {'load ms':>7s}"
+        f"{'variant':22s} {'b1 p50':>7s} {'b1 min':>7s} {'cpu ms':>7s} {'x':>5s} "
+        f"{'b' + str(big) + ' img/s':>10s} {'x' + str(big):>5s} {'cos mean':>8s} {'cos min':>8s} "
+        f"{'qconv':>6s} {'MB':>5s} {'load ms':>7s}"
     )
 
 
-def _print_row(name: str, row: dict, fp32: dict, big: int) -> None:
-    key = f"b{big}_img_s"
+def _print_row(name: str, row: dict, fp32: dict) -> None:
     cos_mean = f"{row['cos_mean']:.4f}" if "cos_mean" in row else "ref"
     cos_min = f"{row['cos_min']:.4f}" if "cos_min" in row else "ref"
+    b1, big = row["b1"], row["big"]
     print(
-        f"{name:22s} {row['b1_ms']:7.2f} {row['b1_cpu_ms']:7.2f} "
-        f"{fp32['b1_ms'] / row['b1_ms']:5.2f} {row[key]:10.1f} {row[key] / fp32[key]:5.2f} "
-        f"{cos_mean:>8s} {cos_min:>8s} {row['qconv']:>6s} {row['size_mb']:5.1f} "
-        f"{row['load_ms']:7.0f}",
+        f"{name:22s} {b1['p50_ms']:7.2f} {b1['min_ms']:7.2f} {b1['cpu_ms']:7.2f} "
+        f"{fp32['b1']['p50_ms'] / b1['p50_ms']:5.2f} {big['img_s']:10.1f} "
+        f"{big['img_s'] / fp32['big']['img_s']:5.2f} {cos_mean:>8s} {cos_min:>8s} "
+        f"{row['qconv']:>6s} {row['size_mb']:5.1f} {row['load_ms']:7.0f}",
         flush=True,
     )
 
