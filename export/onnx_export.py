@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import copy
 import warnings
 from pathlib import Path
 
 import onnx
 import torch
+from torch import nn
 
 from cmn_edge.metadata import (
     INPUT_NAME,
@@ -60,12 +62,52 @@ def read_metadata(path: str | Path) -> ModelMetadata:
     return ModelMetadata.from_props(props, str(path))
 
 
+def static_same_padding(module: nn.Module, size: int) -> int:
+    """Replace timm's Conv2dSame by a fixed ZeroPad2d + Conv2d for ``size`` x ``size`` inputs.
+
+    Conv2dSame computes its TF "SAME" padding from the input shape at run time, which traces
+    to ~200 float shape-arithmetic nodes; the input size is fixed by the metadata, so the pads
+    are constants. Returns how many convolutions were replaced (in place).
+    """
+    try:
+        from timm.layers.conv2d_same import Conv2dSame
+        from timm.layers.padding import pad_same_arg
+    except ImportError:  # no timm: no Conv2dSame either
+        return 0
+    sizes: dict[nn.Module, list[int]] = {}
+
+    def record(mod: nn.Module, args: tuple) -> None:
+        sizes.setdefault(mod, list(args[0].shape[-2:]))
+
+    same = [m for m in module.modules() if isinstance(m, Conv2dSame)]
+    hooks = [m.register_forward_pre_hook(record) for m in same]
+    with torch.no_grad():
+        module(torch.zeros(1, 3, size, size))
+    for hook in hooks:
+        hook.remove()
+    replaced = 0
+    for parent in list(module.modules()):
+        for name, child in list(parent.named_children()):
+            if not isinstance(child, Conv2dSame):
+                continue
+            pad = pad_same_arg(sizes[child], child.weight.shape[-2:], child.stride, child.dilation)
+            conv = nn.Conv2d(
+                child.in_channels, child.out_channels, child.kernel_size, child.stride, 0,
+                child.dilation, child.groups, child.bias is not None,
+            )
+            conv.weight, conv.bias = child.weight, child.bias
+            setattr(parent, name, nn.Sequential(nn.ZeroPad2d([int(p) for p in pad]), conv))
+            replaced += 1
+    return replaced
+
+
 def export_onnx(model: CMN, path: str | Path, metadata: ModelMetadata) -> Path:
     """Trace the inference graph (concept projections folded to constants), dynamic batch."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    exportable = ExportableCMN(model.cpu().eval()).eval()
     size = metadata.preprocess.input_size
+    exportable = ExportableCMN(copy.deepcopy(model).cpu().eval()).eval()
+    static_same_padding(exportable.backbone, size)
     dummy = torch.randn(2, 3, size, size)
     tmp = path.with_name(f".{path.name}.tmp")
     with warnings.catch_warnings():
