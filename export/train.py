@@ -24,7 +24,7 @@ from tqdm import tqdm
 from cmn_edge.metrics import retrieval_metrics
 
 from . import data as D
-from .checkpoint import CHECKPOINT_FORMAT, load_checkpoint, save_atomic
+from .checkpoint import CHECKPOINT_FORMAT, CheckpointError, load_checkpoint, save_atomic
 from .model import CMN
 
 
@@ -250,10 +250,16 @@ class Trainer:
     def resume(self, path: Path) -> None:
         state = load_checkpoint(path)
         if "optimizer" not in state:
-            raise ValueError(f"{path}: holds model weights only, not a resumable training state")
-        self.model.load_state_dict(state["model"])
-        self.criterion.load_state_dict(state["criterion"])
-        self.optimizer.load_state_dict(state["optimizer"])
+            raise CheckpointError(
+                f"{path}: holds model weights only, not a resumable training state"
+            )
+        try:
+            self.model.load_state_dict(state["model"])
+            self.criterion.load_state_dict(state["criterion"])
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as exc:
+            reason = str(exc).splitlines()[0]
+            raise CheckpointError(f"{path}: does not fit this training setup ({reason})") from None
         self.epoch, self.best, self.history = state["epoch"], state["best"], state["history"]
         random.setstate(state["rng"]["python"])
         np.random.set_state(state["rng"]["numpy"])
