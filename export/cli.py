@@ -62,5 +62,205 @@ def train(datasets, resume, no_pretrained, **options) -> None:
     click.echo(f"best checkpoint: {best}")
 
 
+# --- export, quantize, validate -------------------------------------------------------------
+
+
+def _user_errors(func):
+    """One-line ``error: <file>: <reason>`` and exit 1 for bad input (shared with cmn-edge)."""
+    from cmn_edge.cli_common import user_errors
+
+    return user_errors(func)
+
+
+def _read_concept_names(path: Path, count: int) -> tuple[str, ...]:
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: concept names file not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path}: cannot read concept names ({exc})") from None
+    names = tuple(line.strip() for line in lines if line.strip())
+    if len(names) != count:
+        raise ValueError(f"{path}: {len(names)} concept names for a model with {count} concepts")
+    return names
+
+
+def export_checkpoint(
+    out: Path,
+    checkpoint: Path | None = None,
+    upstream_checkpoint: Path | None = None,
+    name: str | None = None,
+    concept_names: Path | None = None,
+) -> tuple[Path, float]:
+    """Export a cmn-export or upstream checkpoint; returns the path and the parity error."""
+    import numpy as np
+    import onnxruntime as ort
+    import torch
+
+    from cmn_edge.metadata import INPUT_NAME, OUTPUT_EMBEDDING
+
+    from .checkpoint import file_sha256, model_from_checkpoint, model_from_upstream
+    from .onnx_export import build_metadata, export_onnx
+    from .validate import PARITY_TOLERANCE
+
+    source = checkpoint if checkpoint is not None else upstream_checkpoint
+    assert source is not None
+    if checkpoint is not None:
+        model, config = model_from_checkpoint(checkpoint)
+        data = ", ".join(str(d) for d in config.get("datasets", []))
+        command = str(config.get("command", ""))
+    else:
+        model = model_from_upstream(upstream_checkpoint)
+        data = f"unknown (upstream shchen0001/CMN checkpoint {Path(source).name})"
+        command = "shchen0001/CMN train.py (upstream)"
+    model.eval()
+    names = _read_concept_names(concept_names, model.num_concepts) if concept_names else ()
+    default_name = out.name.removesuffix(".onnx").removesuffix(".fp32")
+    metadata = build_metadata(
+        model,
+        name or default_name,
+        concept_names=names,
+        training_data=data,
+        training_command=command,
+        source_checkpoint_sha256=file_sha256(Path(source)),
+    )
+    export_onnx(model, out, metadata)
+    # A last look: the written graph must compute what the PyTorch model computes.
+    size = metadata.preprocess.input_size
+    x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = model(x).numpy()
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    (got,) = session.run([OUTPUT_EMBEDDING], {INPUT_NAME: x.numpy()})
+    diff = float(np.abs(got - expected).max())
+    if diff >= PARITY_TOLERANCE:
+        out.unlink()
+        raise ValueError(f"{out}: ONNX differs from PyTorch by {diff:.2e}; file removed")
+    return out, diff
+
+
+@main.command("onnx")
+@click.option("--checkpoint", type=click.Path(path_type=Path), help="A cmn-export best.pt.")
+@click.option(
+    "--upstream-checkpoint",
+    type=click.Path(path_type=Path),
+    help="A state dict saved by upstream shchen0001/CMN train.py (ResNet-50).",
+)
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="model.fp32.onnx")
+@click.option("--name", default=None, help="Model name in the metadata (default: from --out).")
+@click.option(
+    "--concept-names",
+    type=click.Path(path_type=Path),
+    help="Text file, one name per concept, in concept order.",
+)
+@_user_errors
+def onnx_command(checkpoint, upstream_checkpoint, out, name, concept_names) -> None:
+    """Export a checkpoint to a self-describing FP32 ONNX graph (dynamic batch)."""
+    if (checkpoint is None) == (upstream_checkpoint is None):
+        raise CliError("give exactly one of --checkpoint or --upstream-checkpoint")
+    path, diff = export_checkpoint(out, checkpoint, upstream_checkpoint, name, concept_names)
+    from .onnx_export import read_metadata
+
+    meta = read_metadata(path)
+    click.echo(
+        f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB): {meta.backbone}, "
+        f"C={meta.num_concepts}, grid {meta.attention_grid[0]}x{meta.attention_grid[1]}, "
+        f"input {meta.preprocess.input_size}; PyTorch vs ONNX max abs diff {diff:.1e}"
+    )
+
+
+@main.command("quantize")
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option(
+    "--calibration",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Dataset folder (manifest.csv or <class>/<img>) whose images calibrate the ranges.",
+)
+@click.option("--split", default="train", show_default=True)
+@click.option("--count", default=256, show_default=True, help="Calibration images.")
+@click.option("--check-count", default=32, show_default=True, help="Held-out check images.")
+@click.option("--out", type=click.Path(path_type=Path), help="Default: MODEL with .int8.onnx.")
+@click.option(
+    "--method",
+    type=click.Choice(["minmax", "percentile", "entropy", "auto"]),
+    default="minmax",
+    show_default=True,
+    help="Calibration; auto keeps the best of the three on the check images.",
+)
+@click.option("--format", "quant_format", type=click.Choice(["qdq", "qoperator"]), default="qdq",
+              show_default=True)
+@click.option("--activation-type", type=click.Choice(["uint8", "int8"]), default="uint8",
+              show_default=True)
+@click.option("--weight-type", type=click.Choice(["int8", "uint8"]), default="int8",
+              show_default=True)
+@click.option("--per-channel/--per-tensor", default=True, show_default=True)
+@click.option("--reduce-range", is_flag=True, help="7-bit weights (CPUs without VNNI).")
+@click.option("--quantize-head", is_flag=True, help="Also quantize the concept head (worse).")
+@click.option("--float-op-type", "float_op_types", multiple=True,
+              help="Op types kept float everywhere (repeatable; replaces the default list).")
+@click.option("--seed", default=0, show_default=True)
+@_user_errors
+def quantize_command(model, calibration, split, count, check_count, out, method, quant_format,
+                     activation_type, weight_type, per_channel, reduce_range, quantize_head,
+                     float_op_types, seed) -> None:
+    """Static INT8 quantization of MODEL, calibrated on TRAIN-split images."""
+    from .quantize import DEFAULT_FLOAT_OP_TYPES, QuantizeOptions, quantize, summary
+
+    if out is None:
+        stem = model.name.removesuffix(".onnx").removesuffix(".fp32")
+        out = model.with_name(f"{stem}.int8.onnx")
+    options = QuantizeOptions(
+        method=method,
+        quant_format=quant_format,
+        activation_type=activation_type,
+        weight_type=weight_type,
+        per_channel=per_channel,
+        reduce_range=reduce_range,
+        float_head=not quantize_head,
+        float_op_types=tuple(float_op_types) or DEFAULT_FLOAT_OP_TYPES,
+    )
+    result = quantize(model, out, calibration, split, count, check_count, seed, options)
+    click.echo(summary(result))
+
+
+@main.command("validate")
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--int8", "int8_model", type=click.Path(path_type=Path), help="Its INT8 twin.")
+@click.option("--checkpoint", type=click.Path(path_type=Path), help="For PyTorch parity.")
+@click.option("--upstream-checkpoint", type=click.Path(path_type=Path))
+@click.option("--data", required=True, type=click.Path(path_type=Path))
+@click.option("--split", default="test", show_default=True)
+@click.option("--limit", type=int, default=None, help="First N images of the split.")
+@click.option("--threads", type=int, default=None, help="onnxruntime threads (latency).")
+@click.option("--runs", default=5, show_default=True, help="Latency runs (median).")
+@click.option("--report", type=click.Path(path_type=Path),
+              help="Default: <model>.validation.json next to MODEL.")
+@_user_errors
+def validate_command(model, int8_model, checkpoint, upstream_checkpoint, data, split, limit,
+                     threads, runs, report) -> None:
+    """Parity, INT8 fidelity, Recall@K, sizes and CPU latency of an exported model."""
+    from .validate import table, validate
+
+    if checkpoint is not None and upstream_checkpoint is not None:
+        raise CliError("give at most one of --checkpoint or --upstream-checkpoint")
+    result = validate(
+        model,
+        data,
+        int8=int8_model,
+        checkpoint=checkpoint or upstream_checkpoint,
+        upstream=upstream_checkpoint is not None,
+        split=split,
+        limit=limit,
+        threads=threads,
+        latency_runs=runs,
+        report=report,
+    )
+    click.echo(table(result))
+    parity = result.get("parity")
+    if parity and not parity["ok"]:
+        raise CliError(f"{model}: PyTorch vs ONNX parity above {parity['tolerance']:g}")
+
+
 if __name__ == "__main__":
     sys.exit(main())
