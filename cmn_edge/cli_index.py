@@ -274,9 +274,8 @@ def remove(items, index_dir: Path) -> None:
     idx = ConceptIndex.load(index_dir)
     ids = []
     for token in items:
-        item_id = None
-        if Path(token).exists():
-            item_id = idx.id_for_path(str(Path(token).resolve()))
+        # by path first, even when the file is gone: removing deleted images is the usual case
+        item_id = idx.id_for_path(str(Path(token).resolve()))
         if item_id is None:
             raw = token[3:] if token.startswith("id:") else token
             if raw.strip().isdigit() and int(raw) in idx:
