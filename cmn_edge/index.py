@@ -738,12 +738,8 @@ class ConceptIndex:
         if exact or size <= self.exact_below:
             if subset is not None:
                 rows = self._id_rows[np.fromiter(subset, dtype=np.int64, count=len(subset))]
-            else:
-                rows = np.flatnonzero(self._alive[: self._rows])
-                if exclude_ids:
-                    drop = self._id_rows[np.fromiter(exclude_ids, dtype=np.int64)]
-                    rows = np.setdiff1d(rows, drop, assume_unique=True)
-            return self._exact_unlocked(q, k, plan, rows)
+                return self._exact_unlocked(q, k, plan, rows)
+            return self._exact_unlocked(q, k, plan, None, exclude_ids)
         # a where-subset filters inside the graph walk; a few excluded ids are cheaper to
         # over-fetch and drop afterwards than a Python callback on every visited node
         filt = subset.__contains__ if subset is not None else None
@@ -835,11 +831,13 @@ class ConceptIndex:
                 break
         return math.sqrt(max(total, 0.0))
 
-    def _scores(self, q: np.ndarray, plan: _Plan, rows: np.ndarray) -> np.ndarray:
-        """Exact scores of ``rows``, in chunks so a large gallery needs little extra memory."""
-        if plan.weights is None and len(rows) <= 32768:
-            return self._emb[rows] @ q
-        out = np.empty(len(rows), dtype=np.float32)
+    def _scores(self, q: np.ndarray, plan: _Plan, rows: np.ndarray | None) -> np.ndarray:
+        """Exact scores of ``rows`` (None: every used row, read in place without a copy), in
+        chunks so a large gallery needs little extra memory."""
+        count = self._rows if rows is None else len(rows)
+        if plan.weights is None and count <= 32768:
+            return (self._emb[:count] if rows is None else self._emb[rows]) @ q
+        out = np.empty(count, dtype=np.float32)
         if plan.weights is None:
             qv = q
         else:
@@ -848,8 +846,11 @@ class ConceptIndex:
             qv = qv / np.float32(np.linalg.norm(qv))
             w2 = plan.weights * plan.weights
             qv = qv * plan.weights
-        for start in range(0, len(rows), 32768):
-            chunk = self._emb[rows[start : start + 32768]]
+        for start in range(0, count, 32768):
+            if rows is None:
+                chunk = self._emb[start : min(start + 32768, count)]
+            else:
+                chunk = self._emb[rows[start : start + 32768]]
             part = chunk @ qv
             if plan.renormalize:
                 norms = np.sqrt((chunk * chunk) @ w2)
@@ -858,11 +859,21 @@ class ConceptIndex:
         return out
 
     def _exact_unlocked(
-        self, q: np.ndarray, k: int, plan: _Plan, rows: np.ndarray
+        self, q: np.ndarray, k: int, plan: _Plan, rows: np.ndarray | None,
+        exclude_ids: set[int] = frozenset(),
     ) -> tuple[np.ndarray, np.ndarray]:
+        """Brute force over ``rows``, or with None over every live item but ``exclude_ids``."""
         scores = self._scores(q, plan, rows)
-        ids = self._row_ids[rows]
-        if len(rows) > max(k, 512):
+        if rows is None:
+            ids = self._row_ids[: self._rows]
+            invalid = ~self._alive[: self._rows]
+            if exclude_ids:
+                invalid[self._id_rows[np.fromiter(exclude_ids, dtype=np.int64)]] = True
+            if invalid.any():
+                scores[invalid] = -np.inf  # k <= the searchable count: never in the top k
+        else:
+            ids = self._row_ids[rows]
+        if len(scores) > max(k, 512):
             # every row tied with the k-th score stays in, so the tie order is by id everywhere
             kth = np.partition(scores, len(scores) - k)[len(scores) - k]
             keep = scores >= kth

@@ -238,9 +238,16 @@ def test_remove_update_reuse_slots_and_grow(gallery):
     assert idx._hnsw.element_count == slots  # the deleted slots were reused
     assert min(new) == 1000  # ids are never reused
     for q_id in (1, 3, 1005):
-        hits = idx.search_ids(idx.embedding(q_id), 10)[0].tolist()
-        assert hits[0] == q_id
-        assert not any(i % 2 == 0 and i < 1000 for i in hits)
+        for exact in (False, True):
+            hits = idx.search_ids(idx.embedding(q_id), 10, exact=exact)[0].tolist()
+            assert hits[0] == q_id
+            assert not any(i % 2 == 0 and i < 1000 for i in hits)
+        # removed items never come back, even when the query is exactly one of them
+        for exact in (False, True):
+            gone = idx.search_ids(gallery[0], 900, exact=exact)[0].tolist()
+            assert len(gone) == 900 and not any(i % 2 == 0 and i < 1000 for i in gone)
+        around = idx.search_id(q_id, 5, exact=True)
+        assert q_id not in [h.id for h in around]
     # update: the item now answers for its new embedding, under the same id and path
     idx.update(1, gallery[2000], metadata={"label": "moved"})
     top = idx.search(gallery[2000], 1)[0]
