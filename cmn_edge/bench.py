@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import resource
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -152,12 +151,27 @@ def time_end_to_end(embedder: Embedder, path: Path, repeats: int) -> dict[str, f
     return summarise(time_calls(lambda: embedder.embed(path), repeats, warmup=1))
 
 
-def cmn_edge_command() -> list[str]:
-    """The installed ``cmn-edge`` script, or the same entry point through this interpreter."""
-    script = shutil.which("cmn-edge")
-    if script:
-        return [script]
-    return [sys.executable, "-c", "from cmn_edge.cli import main; main()"]
+#: Runs ``cmn-edge`` exactly as its console script does, then reports the process's own peak
+#: RSS. The kernel's figure for a child (wait4) also counts the parent's pages from before
+#: exec, so the child must read its own high-water mark (VmHWM, reset by exec).
+_CHILD = """
+import atexit, sys
+
+def _report():
+    try:
+        with open("/proc/self/status") as status:
+            peak = next(line.split()[1] for line in status if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        import resource
+        scale = 1024 if sys.platform == "darwin" else 1
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // scale
+    sys.stderr.write(f"\\ncmn-bench-peak-rss-kib {peak}\\n")
+
+atexit.register(_report)
+sys.argv[0] = "cmn-edge"
+from cmn_edge.cli import main
+main()
+"""
 
 
 def cold_start(
@@ -165,42 +179,33 @@ def cold_start(
 ) -> dict[str, float]:
     """Wall time and peak RSS of a fresh ``cmn-edge embed photo`` process (import, load, embed).
 
-    ``os.wait4`` gives the resource usage of that one child, so its peak RSS is its own.
+    The output goes to a file in a temporary folder (``--output /dev/null`` would have the
+    atomic writer rename its temporary file over the device).
     """
-    command = [
-        *cmn_edge_command(),
-        "embed",
-        str(photo),
-        "--precision",
-        precision,
-        "--format",
-        "npy",
-        "--output",
-        os.devnull,
-    ]
-    if model is not None:
-        command += ["--model", str(model)]
-    if threads:
-        command += ["--threads", str(threads)]
     times, peaks = [], []
-    for _ in range(max(1, repeats)):
-        start = time.perf_counter()
-        child = subprocess.Popen(
-            command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, close_fds=True
-        )
-        stderr = child.stderr.read() if child.stderr else b""
-        _, status, usage = os.wait4(child.pid, 0)
-        elapsed = time.perf_counter() - start
-        child.returncode = os.waitstatus_to_exitcode(status)
-        if child.returncode != 0:
-            reason = stderr.decode(errors="replace").strip().splitlines()
-            raise RuntimeError(
-                f"{' '.join(command)} failed ({reason[-1] if reason else child.returncode})"
-            )
-        times.append(elapsed)
-        peaks.append(_maxrss_mib(usage.ru_maxrss))
+    with tempfile.TemporaryDirectory(prefix="cmn-bench-") as tmp:
+        command = [sys.executable, "-c", _CHILD, "embed", str(photo), "--precision", precision]
+        command += ["--format", "npy", "--output", str(Path(tmp) / "embedding.npy")]
+        if model is not None:
+            command += ["--model", str(model)]
+        if threads:
+            command += ["--threads", str(threads)]
+        for _ in range(max(1, repeats)):
+            start = time.perf_counter()
+            done = subprocess.run(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            elapsed = time.perf_counter() - start
+            lines = done.stderr.decode(errors="replace").strip().splitlines()
+            if done.returncode != 0:
+                reason = [line for line in lines if not line.startswith("cmn-bench-")]
+                raise RuntimeError(
+                    f"cmn-edge embed {photo} failed ({reason[-1] if reason else done.returncode})"
+                )
+            times.append(elapsed)
+            peak = [line.split()[1] for line in lines if line.startswith("cmn-bench-peak-rss")]
+            if peak:
+                peaks.append(int(peak[-1]) / 1024.0)
     stats = summarise(times)
-    stats["peak_rss_mib"] = max(peaks)
+    stats["peak_rss_mib"] = max(peaks) if peaks else None
     return stats
 
 

@@ -7,6 +7,8 @@ measure the issue asks for is reported, consistently, for both precisions.
 from __future__ import annotations
 
 import json
+import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -42,10 +44,13 @@ def test_json_has_every_measure_for_both_precisions(bench_json: dict) -> None:
         assert entry["decode_12mp"]["size"] == "x".join(map(str, LARGE_SIZE))
         assert entry["end_to_end"]["p50_ms"] > 0
         assert entry["cold_start"]["p50_ms"] > 0
-        assert entry["cold_start"]["peak_rss_mib"] > 10
+        # The child's own peak (VmHWM), not the bench process's pages counted before exec.
+        assert 10 < entry["cold_start"]["peak_rss_mib"] < bench_json["peak_rss_mib"] + 1
         assert entry["load_ms"] > 0
     assert bench_json["peak_rss_mib"] > 10
     assert bench_json["model"] == "cmn-lite0"
+    # The cold start writes its embedding to a temporary file, never over a device node.
+    assert stat.S_ISCHR(os.stat(os.devnull).st_mode)
     assert bench_json["cpu"]["cores"] >= 1
 
 
