@@ -82,7 +82,8 @@ class Quant:
     weight: str = "S8"
     per_channel: bool = True
     reduce_range: bool = False
-    #: depthwise, head_matmul, keys_attn_matmul, layernorm, softmax, shape_arith, head_all
+    #: depthwise, head_matmul, keys_attn_matmul, layernorm, softmax, shape_arith, head_all,
+    #: head_but_const_matmul
     keep_float: tuple[str, ...] = ()
     pre_process: bool = True
     static_pads: bool = True
@@ -122,6 +123,10 @@ VARIANTS: dict[str, Quant] = {
     "u8s8-headallfloat": Quant(
         keep_float=("head_all",),
         note="every node after the backbone float (export/quantize.py's default float_head)",
+    ),
+    "u8s8-constmm": Quant(
+        keep_float=("head_but_const_matmul",),
+        note="in the head only MatMuls with a constant weight INT8; the rest float",
     ),
     "u8s8-attnfloat": Quant(
         keep_float=("keys_attn_matmul", "layernorm", "softmax"),
@@ -233,6 +238,7 @@ def nodes_to_keep_float(model_path: Path, kinds: tuple[str, ...]) -> list[str]:
     """Node names of the kinds asked for (after pre-processing, so the names are final)."""
     model = onnx.load(str(model_path), load_external_data=False)
     names = [n.name for n in shape_arithmetic(model)] if "shape_arith" in kinds else []
+    constants = {i.name for i in model.graph.initializer}
     for node in model.graph.node:
         group = next((a.i for a in node.attribute if a.name == "group"), 1)
         if "depthwise" in kinds and node.op_type == "Conv" and group > 1:
@@ -243,6 +249,9 @@ def nodes_to_keep_float(model_path: Path, kinds: tuple[str, ...]) -> list[str]:
             names.append(node.name)
         if "head_all" in kinds and not node.name.startswith("/backbone/"):
             names.append(node.name)
+        if "head_but_const_matmul" in kinds and not node.name.startswith("/backbone/"):
+            if not (node.op_type == "MatMul" and any(i in constants for i in node.input)):
+                names.append(node.name)
         if "layernorm" in kinds and node.op_type == "LayerNormalization":
             names.append(node.name)
         if "softmax" in kinds and node.op_type == "Softmax":
@@ -497,6 +506,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--heldout-count", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--no-spin",
+        action="store_true",
+        help="threads sleep instead of spinning, so the cpu column counts only work "
+        "(steadiest comparison while other programs share the CPU)",
+    )
     parser.add_argument("--rounds", type=int, default=8, help="interleaved timing rounds")
     parser.add_argument("--b1-runs", type=int, default=5, help="batch-1 runs per round")
     parser.add_argument("--big-batch", type=int, default=32)
@@ -541,7 +556,7 @@ def main(argv: list[str] | None = None) -> int:
     size = meta.preprocess.input_size
     print(
         f"# {source} ({meta.backbone}, C={meta.num_concepts}); onnxruntime {ort.__version__}; "
-        f"threads {args.threads}; load average {_load()}",
+        f"threads {args.threads}{' (no spinning)' if args.no_spin else ''}; load average {_load()}",
         flush=True,
     )
     graph_check = head_nodes_on_concepts(source)
@@ -598,7 +613,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"# built {name} ({quant_s:.0f} s)", flush=True)
 
     # Phase 2: every graph timed in interleaved rounds.
-    base = Session(threads=args.threads)
+    base = Session(threads=args.threads, spinning=not args.no_spin)
     timer = Timer(size, (1, args.big_batch))
     for name, path in paths.items():
         session, load_s = make_session(path, base, work)
