@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -20,16 +21,19 @@ from cmn_edge.metadata import INPUT_NAME, Preprocess
 
 
 def pick_images(
-    root: str | Path, split: str = "train", count: int = 256, seed: int = 0
+    roots: str | Path | Sequence[str | Path], split: str = "train", count: int = 256, seed: int = 0
 ) -> list[Path]:
-    """A seeded random sample of ``count`` images of one split (all of them if fewer).
+    """A seeded random sample of ``count`` images of one split of one or more datasets (all
+    of them if fewer), so a model trained on several datasets is calibrated on all of them.
 
     Random rather than the first N so that every class has a chance to be represented.
     """
     if count < 1:
         raise ValueError(f"calibration count must be at least 1 (got {count})")
-    paths = [s.path for s in load_samples(root, split)]
-    chosen = sorted(paths) if len(paths) <= count else random.Random(seed).sample(paths, count)
+    if isinstance(roots, (str, Path)):
+        roots = [roots]
+    paths = [s.path for root in roots for s in load_samples(root, split)]
+    chosen = paths if len(paths) <= count else random.Random(seed).sample(paths, count)
     return sorted(chosen)
 
 

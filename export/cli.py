@@ -174,8 +174,10 @@ def onnx_command(checkpoint, upstream_checkpoint, out, name, concept_names) -> N
 @click.option(
     "--calibration",
     required=True,
+    multiple=True,
     type=click.Path(path_type=Path),
-    help="Dataset folder (manifest.csv or <class>/<img>) whose images calibrate the ranges.",
+    help="Dataset folder (manifest.csv or <class>/<img>) whose images calibrate the ranges; "
+    "repeat for a model trained on several (the count is shared).",
 )
 @click.option("--split", default="train", show_default=True)
 @click.option("--count", default=256, show_default=True, help="Calibration images.")
@@ -196,14 +198,19 @@ def onnx_command(checkpoint, upstream_checkpoint, out, name, concept_names) -> N
               show_default=True)
 @click.option("--per-channel/--per-tensor", default=True, show_default=True)
 @click.option("--reduce-range", is_flag=True, help="7-bit weights (CPUs without VNNI).")
-@click.option("--quantize-head", is_flag=True, help="Also quantize the concept head (worse).")
+@click.option("--quantize-head", is_flag=True, help="Quantize the whole concept head too.")
+@click.option(
+    "--quantize-head-matmuls",
+    is_flag=True,
+    help="Quantize the head's MatMuls (half the weights), LayerNorm/Softmax stay float.",
+)
 @click.option("--float-op-type", "float_op_types", multiple=True,
               help="Op types kept float everywhere (repeatable; replaces the default list).")
 @click.option("--seed", default=0, show_default=True)
 @_user_errors
 def quantize_command(model, calibration, split, count, check_count, out, method, quant_format,
                      activation_type, weight_type, per_channel, reduce_range, quantize_head,
-                     float_op_types, seed) -> None:
+                     quantize_head_matmuls, float_op_types, seed) -> None:
     """Static INT8 quantization of MODEL, calibrated on TRAIN-split images."""
     from .quantize import DEFAULT_FLOAT_OP_TYPES, QuantizeOptions, quantize, summary
 
@@ -218,6 +225,7 @@ def quantize_command(model, calibration, split, count, check_count, out, method,
         per_channel=per_channel,
         reduce_range=reduce_range,
         float_head=not quantize_head,
+        head_op_types=("MatMul",) if quantize_head_matmuls else (),
         float_op_types=tuple(float_op_types) or DEFAULT_FLOAT_OP_TYPES,
     )
     result = quantize(model, out, calibration, split, count, check_count, seed, options)

@@ -1,15 +1,22 @@
 """Static INT8 quantization of a CMN ONNX graph with onnxruntime.quantization.
 
-The backbone's convolutions are what costs time on a CPU and they quantize well; the concept
-head (LayerNorms, two MatMuls, a Softmax sharpened by the region count, the L2 normalisations)
-is a few percent of the compute and is where 8-bit rounding hurts most, so by default every
-node that consumes the backbone's feature map stays in float. What stayed float, and how the
-ranges were calibrated, is written into the model's metadata.
+The backbone's convolutions quantize well (per-channel weights; per-tensor wrecks the
+depthwise convs of EfficientNet). The concept head (LayerNorm, the token/key/value MatMuls,
+a Softmax sharpened by the region count, the L2 normalisations) stays in float by default:
+its scores are cosines whose differences are the whole signal, LayerNorm/Softmax/ReduceL2
+have no integer kernels on the CPU anyway, and it is what a user inspects (attention maps,
+concept scores). It is not free: at C=512 on Lite0 the head holds about half the weights
+and a quarter of the MACs, so ``head_op_types=("MatMul",)`` quantizes its MatMuls too
+(measured: file 15.6 -> 8.8 MB, embedding cosine to FP32 0.989 -> 0.988) for issue #6 to
+weigh. What stayed float, and how the ranges were calibrated, goes into the metadata.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -192,21 +199,35 @@ def float_plan(model: onnx.ModelProto, options: QuantizeOptions) -> FloatPlan:
     return FloatPlan(feature, shape_nodes, head_nodes, op_types)
 
 
-def float_compute_nodes(model: onnx.ModelProto) -> dict[str, list[str]]:
-    """op type -> names of compute nodes that run in float in a quantized graph.
+def runs_in_int8(node: onnx.NodeProto, producers: dict[str, str], consumers: dict) -> bool:
+    """In QDQ form onnxruntime runs a node on integers when it reads DequantizeLinear outputs
+    and its results go straight to QuantizeLinear (DQ -> op -> Q is fused), or when it is a
+    MatMul/Gemm on dequantized inputs (fused to MatMulIntegerToFloat). A float op that merely
+    reads a dequantized tensor still computes in float."""
+    if node.op_type.startswith("QLinear") or "Integer" in node.op_type:
+        return True  # QOperator form
+    if not any(producers.get(name) == "DequantizeLinear" for name in node.input):
+        return False
+    if node.op_type in ("MatMul", "Gemm"):
+        return True
+    return all(
+        consumers.get(out) and all(kind == "QuantizeLinear" for kind in consumers[out])
+        for out in node.output
+    )
 
-    In QDQ form a node runs in 8 bits only when its inputs come from DequantizeLinear; in
-    QOperator form float nodes are those not of a quantized (QLinear*/Integer) type.
-    """
+
+def float_compute_nodes(model: onnx.ModelProto) -> dict[str, list[str]]:
+    """op type -> names of the compute nodes that run in float in a quantized graph."""
     producers = {out: node.op_type for node in model.graph.node for out in node.output}
+    consumers: dict[str, list[str]] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node.op_type)
     found: dict[str, list[str]] = {}
     for node in model.graph.node:
-        kind = node.op_type
-        if kind in _NOT_COMPUTE or kind.startswith("QLinear") or "Integer" in kind:
+        if node.op_type in _NOT_COMPUTE or runs_in_int8(node, producers, consumers):
             continue
-        if any(producers.get(name) == "DequantizeLinear" for name in node.input):
-            continue
-        found.setdefault(kind, []).append(node.name)
+        found.setdefault(node.op_type, []).append(node.name)
     return found
 
 
@@ -231,20 +252,22 @@ def _quantize_once(
     if method == "percentile":
         extra["CalibPercentile"] = options.percentile
     extra.update(options.extra_options)
-    quantize_static(
-        str(pre),
-        str(out),
-        reader,
-        quant_format=FORMATS[options.quant_format],
-        op_types_to_quantize=plan.op_types,
-        per_channel=options.per_channel,
-        reduce_range=options.reduce_range,
-        activation_type=TYPES[options.activation_type],
-        weight_type=TYPES[options.weight_type],
-        nodes_to_exclude=plan.excluded,
-        calibrate_method=METHODS[method],
-        extra_options=extra,
-    )
+    # The histogram calibrators print progress to stdout; keep the CLI's output to its summary.
+    with contextlib.redirect_stdout(io.StringIO()):
+        quantize_static(
+            str(pre),
+            str(out),
+            reader,
+            quant_format=FORMATS[options.quant_format],
+            op_types_to_quantize=plan.op_types,
+            per_channel=options.per_channel,
+            reduce_range=options.reduce_range,
+            activation_type=TYPES[options.activation_type],
+            weight_type=TYPES[options.weight_type],
+            nodes_to_exclude=plan.excluded,
+            calibrate_method=METHODS[method],
+            extra_options=extra,
+        )
 
 
 def _session(path: Path, threads: int | None) -> ort.InferenceSession:
@@ -270,7 +293,7 @@ def embedding_cosines(
 def quantize(
     fp32_path: str | Path,
     out_path: str | Path,
-    calibration: str | Path,
+    calibration: str | Path | Sequence[str | Path],
     split: str = "train",
     count: int = 256,
     check_count: int = 32,
@@ -296,9 +319,12 @@ def quantize(
         raise QuantizeError(f"{out_path}: output would overwrite the FP32 input")
     if options.method == "auto" and check_count < 1:
         raise ValueError("method 'auto' needs check images (check_count >= 1)")
-    paths = pick_images(calibration, split, count + check_count, seed)
+    roots = [calibration] if isinstance(calibration, (str, Path)) else list(calibration)
+    if not roots:
+        raise ValueError("no calibration dataset given")
+    paths = pick_images(roots, split, count + check_count, seed)
     if check_count and len(paths) < 2:
-        raise QuantizeError(f"{calibration}: need at least 2 {split} images to calibrate and check")
+        raise QuantizeError(f"{roots[0]}: need at least 2 {split} images to calibrate and check")
     # Calibrate and check on disjoint images; with a small set the check takes at most half.
     held = min(check_count, len(paths) // 2)
     rng = np.random.default_rng(seed)
@@ -344,7 +370,7 @@ def quantize(
             "per_channel": options.per_channel,
             "reduce_range": options.reduce_range,
             "calibration": {
-                "data": str(calibration),
+                "data": ", ".join(str(r) for r in roots),
                 "split": split,
                 "count": len(calib_paths),
                 "method": method,

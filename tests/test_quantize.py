@@ -88,6 +88,19 @@ def _photo_batch(photos: dict[str, Path], model: Path) -> np.ndarray:
     return np.stack([pp.load(p, meta.preprocess) for p in photos.values()])
 
 
+def runs_in_int8(node, graph) -> bool:
+    """Integer compute in QDQ form: reads dequantized tensors and either is a MatMul/Conv
+    (onnxruntime fuses those to integer kernels) or hands its result straight back to
+    QuantizeLinear. An op that merely reads a dequantized tensor computes in float."""
+    producers = {o: n.op_type for n in graph.node for o in n.output}
+    if not any(producers.get(i) == "DequantizeLinear" for i in node.input):
+        return False
+    if node.op_type in ("MatMul", "Conv"):
+        return True
+    readers = [n.op_type for n in graph.node if set(n.input) & set(node.output)]
+    return bool(readers) and all(kind == "QuantizeLinear" for kind in readers)
+
+
 def _session(path: Path) -> ort.InferenceSession:
     return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
 
@@ -124,11 +137,6 @@ def test_int8_model_keeps_the_head_in_float_and_says_so(bundle):
     assert q["calibration"]["data"] == str(bundle["calib"])
     assert q["format"] == "QDQ" and q["per_channel"] is True
     graph = onnx.load(str(bundle["int8"])).graph
-    producers = {out: node.op_type for node in graph.node for out in node.output}
-
-    def runs_in_int8(node) -> bool:
-        return any(producers.get(name) == "DequantizeLinear" for name in node.input)
-
     by_type: dict[str, list] = {}
     for node in graph.node:
         by_type.setdefault(node.op_type, []).append(node)
@@ -136,9 +144,9 @@ def test_int8_model_keeps_the_head_in_float_and_says_so(bundle):
     for kind in ("LayerNormalization", "Softmax", "MatMul"):
         assert by_type[kind], kind
         for node in by_type[kind]:
-            assert not runs_in_int8(node), node.name
+            assert not runs_in_int8(node, graph), node.name
             assert node.name in head and node.name in q["float_compute_nodes"][kind]
-    assert all(runs_in_int8(node) for node in by_type["Conv"])  # the backbone is INT8
+    assert all(runs_in_int8(node, graph) for node in by_type["Conv"])  # the backbone is INT8
     assert len(by_type["Conv"]) == 49
 
 
@@ -315,3 +323,39 @@ def test_validate_refuses_an_int8_model_of_another_network(bundle, tmp_path, lab
         "concepts",
     )
     _fails(["validate", bundle["fp32"], "--data", tmp_path / "nowhere"], "nowhere", "not found")
+
+
+def test_calibration_images_are_a_seeded_sample_across_datasets(bundle, labelled_folder):
+    from export.calibration import pick_images
+
+    both = [bundle["calib"], labelled_folder]
+    picked = pick_images(both, "train", count=20, seed=0)
+    assert len(picked) == 20 == len(set(picked))
+    assert {p.parents[1] for p in picked} == {bundle["calib"], labelled_folder}
+    assert picked == pick_images(both, "train", count=20, seed=0)
+    assert picked != pick_images(both, "train", count=20, seed=1)
+    assert len(pick_images(both, "train", count=1000)) == 15 + 15  # all when fewer
+
+
+def test_quantize_head_matmuls_option_keeps_layernorm_and_softmax_float(bundle, tmp_path):
+    out = tmp_path / "head.int8.onnx"
+    args = [
+        "quantize",
+        bundle["fp32"],
+        "--calibration",
+        bundle["calib"],
+        "--out",
+        out,
+        "--check-count",
+        "0",
+        "--quantize-head-matmuls",
+    ]
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    assert result.exit_code == 0, result.output
+    graph = onnx.load(str(out)).graph
+    integer = {n.op_type for n in graph.node if runs_in_int8(n, graph)}
+    assert {"MatMul", "Conv"} <= integer
+    assert not {"LayerNormalization", "Softmax", "ReduceL2"} & integer
+    meta = read_metadata(out)
+    assert meta.quantization["head_op_types_quantized"] == ["MatMul"]
+    assert out.stat().st_size < 0.8 * bundle["int8"].stat().st_size  # the head's weights
