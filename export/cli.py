@@ -38,6 +38,8 @@ def main() -> None:
 @click.option("--batch-size", default=64, show_default=True)
 @click.option("--lr", default=4e-5, show_default=True, help="Backbone LR; head 10x, proxies 100x.")
 @click.option("--val-fraction", default=0.1, show_default=True, help="Train classes held out.")
+@click.option("--select-metric", default="MAP@R", show_default=True,
+              type=click.Choice(["MAP@R", "R@1"]), help="Validation metric that picks best.pt.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--workers", default=2, show_default=True)
 @click.option("--device", default="auto", show_default=True)
