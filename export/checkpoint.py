@@ -49,15 +49,24 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def load_checkpoint(path: str | Path) -> dict:
+def load_checkpoint(path: str | Path, trusted: bool = False) -> dict:
+    """Tensors and plain data only, unless ``trusted`` (our own resumable ``last.pt``, which
+    carries RNG states): a checkpoint from elsewhere must not be able to run code."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint not found")
     if path.stat().st_size == 0:
         raise CheckpointError(f"{path}: checkpoint is empty")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except (RuntimeError, pickle.UnpicklingError, EOFError, zipfile.BadZipFile, OSError) as exc:
+        state = torch.load(path, map_location="cpu", weights_only=not trusted)
+    except pickle.UnpicklingError as exc:
+        if "Weights only load failed" in str(exc):
+            raise CheckpointError(
+                f"{path}: holds Python objects besides tensors; refused, since loading it "
+                "could run code (a training state is only loaded by --resume)"
+            ) from None
+        raise CheckpointError(f"{path}: corrupt or truncated checkpoint ({exc})") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as exc:
         raise CheckpointError(f"{path}: corrupt or truncated checkpoint ({exc})") from None
     if not isinstance(state, dict):
         raise CheckpointError(f"{path}: not a state dict (found {type(state).__name__})")

@@ -248,7 +248,7 @@ class Trainer:
         }
 
     def resume(self, path: Path) -> None:
-        state = load_checkpoint(path)
+        state = load_checkpoint(path, trusted=True)
         if "optimizer" not in state:
             raise CheckpointError(
                 f"{path}: holds model weights only, not a resumable training state"
