@@ -14,6 +14,7 @@ On disk an index is ONE directory::
         manifest.json            format version, model identity, counts, sha256 of each file
         hnsw.bin                 the hnswlib graph (space "ip")
         embeddings.npy, ids.npy  float32 [N, C] unit rows and their int64 ids (exact path)
+        projection.npy           [d, C] graph projection ([0, C]: the graph is in concept space)
         metadata.sqlite          items(id, path), meta(id, key, value)
         concepts.json            concept index -> name
 
@@ -53,7 +54,10 @@ IDS_FILE = "ids.npy"
 METADATA_FILE = "metadata.sqlite"
 CONCEPTS_FILE = "concepts.json"
 MANIFEST_FILE = "manifest.json"
-DATA_FILES = (HNSW_FILE, EMBEDDINGS_FILE, IDS_FILE, METADATA_FILE, CONCEPTS_FILE)
+PROJECTION_FILE = "projection.npy"
+DATA_FILES = (
+    HNSW_FILE, EMBEDDINGS_FILE, IDS_FILE, METADATA_FILE, CONCEPTS_FILE, PROJECTION_FILE
+)
 _VERSION_RE = re.compile(r"^v-(\d{6,})-([0-9a-f]{8})$")
 _TMP_PREFIX = ".tmp-"
 
@@ -180,10 +184,19 @@ class ConceptIndex:
     """Images' concept embeddings, their paths and metadata; searchable with concept control.
 
     ``exact_below``: galleries (or ``where`` subsets) this small are searched by brute force,
-    which is both exact and faster than a graph walk there. ``ef`` is the HNSW search depth
-    for a plain query; a masked query searches ``ef / cos(q, q*w)**mask_ef_power`` deep,
-    because the further the mask turns the query away from the data it was built on, the
-    further the graph walk must go for the same recall (see :meth:`calibrate`).
+    which is both exact and faster than a graph walk there.
+
+    ``graph_dims``: build the graph on the embeddings' top principal directions (an uncentred
+    PCA, which keeps inner products) instead of all C concepts, and re-rank what it finds
+    exactly in concept space. A graph walk over a large gallery is bound by memory traffic
+    (2 KB a vector at C=512); 64 dimensions cut that eightfold. Recall is then a matter of
+    how many candidates are re-ranked, which :meth:`calibrate` tunes like ``ef``. Masks work
+    unchanged: the masked query is projected like any other. See :meth:`set_graph_dims`.
+
+    ``ef`` is the HNSW search depth for a plain query; a masked query searches
+    ``ef / cos(q, q*w)**mask_ef_power`` deep, because the further the mask turns the query
+    away from the data it was built on, the further the graph walk must go for the same
+    recall (see :meth:`calibrate`).
     """
 
     def __init__(
@@ -202,6 +215,7 @@ class ConceptIndex:
         max_ef: int = 4096,
         seed: int = 100,
         capacity: int = 1024,
+        graph_dims: int | None = None,
     ) -> None:
         if num_concepts < 1:
             raise ConceptIndexError(f"num_concepts must be positive, not {num_concepts}")
@@ -238,14 +252,93 @@ class ConceptIndex:
         # per-concept max of g_i^2 over the gallery: an upper bound kept on every add (a
         # removal leaves it a valid, looser bound), for the renormalised-search stopping test
         self._colmax2 = np.zeros(self.num_concepts, dtype=np.float32)
-        self._hnsw = hnswlib.Index(space="ip", dim=self.num_concepts)
-        self._hnsw.init_index(
-            max_elements=capacity, M=self.M, ef_construction=self.ef_construction,
-            random_seed=self.seed, allow_replace_deleted=True,
-        )
-        self._hnsw.set_ef(self.ef)
+        # [d, C] once fitted; until a gallery is large enough to fit it (see add), the graph
+        # stays in concept space, which is exact and, at that size, fast anyway
+        self._projection: np.ndarray | None = None
+        if graph_dims is not None:
+            self._check_graph_dims(graph_dims)
+        self._wanted_graph_dims = None if graph_dims is None else int(graph_dims)
+        self._typical_capture = 1.0  # median share of an item's norm the projection keeps
+        self._hnsw = self._new_graph(capacity)
         self._db = _memory_db()
         self._db.executescript(_SCHEMA)
+
+    # ------------------------------------------------------------------ graph space
+    @property
+    def graph_dims(self) -> int | None:
+        """Dimensions the graph works in now (None: all concepts)."""
+        return None if self._projection is None else int(self._projection.shape[0])
+
+    def _fit_threshold(self) -> int:
+        return max(256, 4 * (self._wanted_graph_dims or 0))
+
+    def _check_graph_dims(self, dims: int) -> None:
+        if not 1 <= int(dims) <= self.num_concepts:
+            raise ConceptIndexError(
+                f"graph_dims must be between 1 and {self.num_concepts}, not {dims}"
+            )
+
+    def _new_graph(self, capacity: int) -> hnswlib.Index:
+        graph = hnswlib.Index(
+            space="ip", dim=self.num_concepts if self._projection is None else len(self._projection)
+        )
+        graph.init_index(
+            max_elements=max(16, int(capacity)), M=self.M, ef_construction=self.ef_construction,
+            random_seed=self.seed, allow_replace_deleted=True,
+        )
+        graph.set_ef(self.ef)
+        return graph
+
+    def _to_graph(self, vectors: np.ndarray) -> np.ndarray:
+        if self._projection is None:
+            return vectors
+        return np.ascontiguousarray(vectors @ self._projection.T, dtype=np.float32)
+
+    def set_graph_dims(
+        self, dims: int | None, sample: np.ndarray | None = None, *, num_threads: int = -1
+    ) -> None:
+        """Put the graph on the top ``dims`` principal directions (None: all concepts).
+
+        The directions are fitted on ``sample`` (e.g. the embeddings about to be added) or
+        else on the stored embeddings (up to 50,000 of them), and the graph is rebuilt from
+        the stored embeddings. Call :meth:`calibrate` afterwards: recall depends on it.
+        """
+        if dims is not None:
+            self._check_graph_dims(dims)
+        with self._lock.write():
+            self._wanted_graph_dims = None if dims is None else int(dims)
+            if dims is None:
+                self._projection = None
+            else:
+                data = self._vectors(sample) if sample is not None else self._emb[
+                    np.flatnonzero(self._alive[: self._rows])
+                ]
+                if len(data) < int(dims):
+                    raise ConceptIndexError(
+                        f"{self._where()}: {len(data)} embeddings cannot fit {dims} graph "
+                        "dimensions; add more images first"
+                    )
+                if len(data) > 50000:
+                    picked = np.random.default_rng(self.seed).choice(len(data), 50000, False)
+                    data = data[np.sort(picked)]
+                # uncentred: a rotation keeps inner products, and the mean direction (large
+                # for these all-positive-ish score vectors) is the first one it keeps
+                _, _, vt = np.linalg.svd(data.astype(np.float64), full_matrices=False)
+                self._projection = np.ascontiguousarray(vt[: int(dims)], dtype=np.float32)
+                unit = data / np.linalg.norm(data, axis=1, keepdims=True)
+                self._typical_capture = float(
+                    np.median(np.linalg.norm(unit @ self._projection.T, axis=1))
+                )
+            self._rebuild_graph_unlocked(num_threads)
+
+    def _rebuild_graph_unlocked(self, num_threads: int = -1) -> None:
+        live = len(self._row_of)
+        graph = self._new_graph(max(live, 16))
+        if live:
+            ids = np.fromiter(self._row_of, dtype=np.int64, count=live)
+            graph.add_items(self._to_graph(self._emb[self._id_rows[ids]]), ids,
+                            num_threads=num_threads)
+        self._hnsw = graph
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -348,6 +441,12 @@ class ConceptIndex:
                 if path in seen:
                     raise ConceptIndexError(f"{path}: given twice in one add")
                 seen.add(path)
+        wanted = self._wanted_graph_dims
+        if wanted and self._projection is None and len(self) + n >= self._fit_threshold():
+            # enough data to fit the reduced graph: fit it before this batch enters the graph
+            with self._lock.read():
+                stored = self._emb[np.flatnonzero(self._alive[: self._rows])]
+            self.set_graph_dims(wanted, np.concatenate([stored, vectors]), num_threads=num_threads)
         with self._lock.write():
             existing = self._ids_for_paths_unlocked([p for p in paths if p is not None])
             ids, new_rows = [], []
@@ -364,12 +463,13 @@ class ConceptIndex:
             self._grow_unlocked(len(new_rows))
             if new_rows:
                 self._hnsw.add_items(
-                    vectors[new_rows], np.asarray(new_ids, dtype=np.int64),
+                    self._to_graph(vectors[new_rows]), np.asarray(new_ids, dtype=np.int64),
                     num_threads=num_threads, replace_deleted=True,
                 )
             if update_rows:
                 self._hnsw.add_items(
-                    vectors[update_rows], np.asarray([ids[i] for i in update_rows]),
+                    self._to_graph(vectors[update_rows]),
+                    np.asarray([ids[i] for i in update_rows]),
                     num_threads=num_threads,
                 )
             for i, item_id in enumerate(ids):
@@ -438,7 +538,8 @@ class ConceptIndex:
         with self._lock.write():
             row = self._row_unlocked(item_id)
             if vector is not None:
-                self._hnsw.add_items(vector, np.asarray([item_id]), num_threads=1)
+                self._hnsw.add_items(self._to_graph(vector), np.asarray([item_id]),
+                                     num_threads=1)
                 self._emb[row] = vector[0]
                 np.maximum(self._colmax2, vector[0] * vector[0], out=self._colmax2)
             with self._db_lock, self._db:
@@ -759,18 +860,29 @@ class ConceptIndex:
             return self._exact_unlocked(q, k, plan, rows)
 
     def _query_ef(self, q: np.ndarray, qh: np.ndarray, k: int) -> int:
-        """Search depth: the base ef, deepened as the mask turns the query off the data."""
-        ef = max(self.ef, k)
+        """Search depth: the base ef, deepened by how much of the query the graph cannot see.
+
+        A mask turns the query away from the data the graph was built on (``cos(q, q*w)``);
+        a reduced graph sees only the query's part in its directions, measured against how
+        much of a typical gallery item it sees. Both shrink the useful signal of the walk.
+        """
+        ef = float(max(self.ef, k))
         if qh is not q:
             cos = float(q @ qh) / (float(np.linalg.norm(qh)) + 1e-30)
-            cos = max(cos, 1e-3)
-            ef = math.ceil(ef / cos**self.mask_ef_power)
-        return int(min(max(ef, k), max(self.max_ef, k)))
+            ef /= max(cos, 1e-3) ** self.mask_ef_power
+        if self._projection is not None:
+            # steeper: the part the projection misses decides the ranking, not just the path
+            # (an unlike query needed about (1/seen)^4 to reach the recall of a typical one)
+            norm = float(np.linalg.norm(qh)) + 1e-30
+            seen = float(np.linalg.norm(self._projection @ qh)) / norm / self._typical_capture
+            ef /= max(min(seen, 1.0), 1e-3) ** 4
+        return int(min(max(math.ceil(ef), k), max(self.max_ef, k)))
 
     def _knn(self, qh: np.ndarray, fetch: int, filt) -> tuple[np.ndarray, np.ndarray]:
         # hnswlib searches max(ef, k) deep: asking for ``fetch`` results sets the depth per
         # query, so concurrent searches never race on the shared ef setting.
-        labels, dist = self._hnsw.knn_query(qh[None, :], k=int(fetch), num_threads=1, filter=filt)
+        qg = qh if self._projection is None else self._projection @ qh
+        labels, dist = self._hnsw.knn_query(qg[None, :], k=int(fetch), num_threads=1, filter=filt)
         return labels[0].astype(np.int64), dist[0]
 
     def _candidate_rows(self, labels: np.ndarray, drop: set[int]) -> np.ndarray:
@@ -791,7 +903,8 @@ class ConceptIndex:
 
         Safe: either a bound proves no unfetched item can beat the k-th (its masked inner
         product is at most the last fetched one's, and its masked norm at least
-        ``_min_masked_norm``), or the current top k all come from the first half of the
+        ``_min_masked_norm``; full-concept graphs only), or the current top k all come from
+        the first half of the
         fetched list, so the tail that was fetched added nothing and a deeper one is unlikely to.
         """
         fetch = max(ef, self.overfetch * k)
@@ -810,7 +923,9 @@ class ConceptIndex:
             scores = self._scores(q, plan, rows)
             top = np.argsort(-scores, kind="stable")[:k]
             last_ip = 1.0 - float(dist[-1])
-            if last_ip <= 0:
+            if self._projection is not None:
+                bound = math.inf  # graph scores are approximate there: no proof, only the rule
+            elif last_ip <= 0:
                 bound = 0.0
             else:
                 bound = last_ip / (qn * max(self._min_masked_norm(plan.weights), 1e-12))
@@ -1013,6 +1128,9 @@ class ConceptIndex:
                 "max_elements": int(self._hnsw.max_elements),
                 "element_count": int(self._hnsw.element_count),
                 "seed": self.seed,
+                "graph_dims": self._wanted_graph_dims,
+                "graph_dims_in_use": self.graph_dims,
+                "typical_capture": self._typical_capture,
             },
             "search": {
                 "exact_below": self.exact_below,
@@ -1090,6 +1208,11 @@ class ConceptIndex:
             np.save(handle, ids, allow_pickle=False)
         with open(folder / EMBEDDINGS_FILE, "wb") as handle:
             np.save(handle, np.ascontiguousarray(self._emb[rows]), allow_pickle=False)
+        projection = self._projection
+        if projection is None:
+            projection = np.zeros((0, self.num_concepts), dtype=np.float32)
+        with open(folder / PROJECTION_FILE, "wb") as handle:
+            np.save(handle, projection, allow_pickle=False)
         destination = sqlite3.connect(str(folder / METADATA_FILE))
         try:
             with self._db_lock:
@@ -1176,18 +1299,21 @@ class ConceptIndex:
                 seed=int(hnsw["seed"]), exact_below=int(search["exact_below"]),
                 mask_ef_power=float(search["mask_ef_power"]),
                 overfetch=int(search["overfetch"]), max_ef=int(search["max_ef"]), capacity=16,
+                graph_dims=hnsw["graph_dims"],
             )
+            in_use = None if hnsw["graph_dims_in_use"] is None else int(hnsw["graph_dims_in_use"])
+            index._typical_capture = float(hnsw["typical_capture"])
             index._next_id = int(manifest["next_id"])
         except (KeyError, TypeError, ValueError) as exc:
             if isinstance(exc, ConceptIndexError):
                 raise
             raise IndexCorruptError(f"{manifest_path}: malformed manifest ({exc})") from None
-        index._restore(folder, manifest)
+        index._restore(folder, manifest, in_use)
         index.path = root
         index._base_version = pointer["version"]
         return index
 
-    def _restore(self, folder: Path, manifest: dict) -> None:
+    def _restore(self, folder: Path, manifest: dict, graph_dims: int | None) -> None:
         try:
             ids = np.load(folder / IDS_FILE, allow_pickle=False)
             emb = np.load(folder / EMBEDDINGS_FILE, allow_pickle=False)
@@ -1217,6 +1343,16 @@ class ConceptIndex:
         if n:
             self._colmax2 = (emb * emb).max(axis=0)
         try:
+            projection = np.load(folder / PROJECTION_FILE, allow_pickle=False)
+        except ValueError as exc:
+            raise IndexCorruptError(f"{folder / PROJECTION_FILE}: unreadable ({exc})") from None
+        expected = (int(graph_dims or 0), self.num_concepts)
+        if projection.shape != expected or projection.dtype != np.float32:
+            raise IndexCorruptError(
+                f"{folder / PROJECTION_FILE}: expected float32 {list(expected)}"
+            )
+        self._projection = projection if graph_dims else None
+        try:
             concepts = json.loads((folder / CONCEPTS_FILE).read_text(encoding="utf-8"))
             self._concept_names = {int(i): str(v) for i, v in concepts["names"].items()}
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
@@ -1232,7 +1368,7 @@ class ConceptIndex:
             raise IndexCorruptError(f"{folder / METADATA_FILE}: unreadable ({exc})") from None
         if stored != set(self._row_of):
             raise IndexCorruptError(f"{folder / METADATA_FILE}: items disagree with {IDS_FILE}")
-        hnsw = hnswlib.Index(space="ip", dim=self.num_concepts)
+        hnsw = hnswlib.Index(space="ip", dim=self.graph_dims or self.num_concepts)
         try:
             hnsw.load_index(
                 str(folder / HNSW_FILE), max_elements=int(manifest["hnsw"]["max_elements"]),

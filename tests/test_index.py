@@ -432,6 +432,40 @@ def test_calibrate_raises_ef_until_recall_target(held_out):
         assert idx.recall(fresh, exclude=list(range(0, 48, 2))) >= 0.93
 
 
+def test_reduced_graph_recall_growth_and_round_trip(tmp_path, gallery, queries):
+    idx = ConceptIndex(DIM, "m@1", exact_below=0, graph_dims=16)
+    idx.add(gallery[:100], num_threads=1)
+    assert idx.graph_dims is None  # too few items to fit directions on: concept space
+    assert idx.search_ids(gallery[7], 1)[0][0] == 7
+    idx.add(gallery[100:2900], num_threads=1)
+    assert idx.graph_dims == 16 and idx._hnsw.dim == 16
+    result = idx.calibrate(queries=gallery[2900:2950], target=0.98)
+    assert result["recall"] >= 0.98
+    for mask in ("plain", "exclude 10%", "exclude 50%", "weights", "renormalize 50%"):
+        # held-out queries like the gallery, and queries from clusters it has never seen
+        # (the projection sees little of those: the search goes deeper to make up for it)
+        for unseen in (gallery[2950:], queries):
+            recall = idx.recall(unseen, **MASKS[mask])
+            assert recall >= 0.95, (mask, recall)
+        # scores are exact whatever path found the item
+        approx_ids, approx_scores = idx.search_ids(queries[0], 10, **MASKS[mask])
+        exact_ids, exact_scores = idx.search_ids(queries[0], 10, exact=True, **MASKS[mask])
+        shared = dict(zip(exact_ids.tolist(), exact_scores.tolist()))
+        assert all(shared[i] == sc for i, sc in zip(approx_ids.tolist(), approx_scores.tolist())
+                   if i in shared)
+    loaded = ConceptIndex.load(idx.save(tmp_path / "reduced"))
+    assert loaded.graph_dims == 16 and loaded.manifest()["hnsw"]["graph_dims"] == 16
+    for q in queries[:10]:
+        assert loaded.search_ids(q, 10)[0].tolist() == idx.search_ids(q, 10)[0].tolist()
+    loaded.add(gallery[2900:])  # later items go through the same fitted directions
+    assert loaded.search_ids(gallery[2950], 1)[0][0] == 2950
+    loaded.set_graph_dims(None)  # back to the full concept space, rebuilt from storage
+    assert loaded.graph_dims is None and loaded._hnsw.dim == DIM
+    assert loaded.search_ids(gallery[5], 1)[0][0] == 5
+    with pytest.raises(ConceptIndexError, match="graph_dims must be between"):
+        loaded.set_graph_dims(DIM + 1)
+
+
 def test_concurrent_searches_while_adding_and_removing(gallery):
     idx = ConceptIndex(DIM, exact_below=0, capacity=16)
     idx.add(gallery[:1000])
