@@ -123,7 +123,7 @@ def run_gallery(name: str, gallery: np.ndarray, queries: np.ndarray, args,
           f"{len(queries)} queries, k={args.k}")
     index = ConceptIndex(
         gallery.shape[1], "benchmark", M=args.M, ef_construction=args.ef_construction,
-        ef=args.ef, exact_below=0, capacity=len(gallery),
+        ef=args.ef, exact_below=0, capacity=len(gallery), graph_dims=args.graph_dims or None,
     )
     start, cpu_start = time.perf_counter(), time.process_time()
     for begin in range(0, len(gallery), 10000):
@@ -152,7 +152,7 @@ def run_gallery(name: str, gallery: np.ndarray, queries: np.ndarray, args,
           f"({len(gallery) / build_s:.0f} items/s), save {save_s:.2f}s, "
           f"load {load_s:.2f}s, on disk {size / 2**20:.1f} MiB, M={index.M} "
           f"ef_construction={index.ef_construction} ef={index.ef} "
-          f"mask_ef_power={index.mask_ef_power}")
+          f"mask_ef_power={index.mask_ef_power} graph_dims={index.graph_dims}")
     if calibration:
         print(f"calibration: {calibration}")
     rng = np.random.default_rng(args.seed)
@@ -204,7 +204,8 @@ def run_gallery(name: str, gallery: np.ndarray, queries: np.ndarray, args,
         "build_s": build_s, "build_cpu_s": build_cpu_s, "save_s": save_s, "load_s": load_s,
         "disk_bytes": size,
         "M": index.M, "ef_construction": index.ef_construction, "ef": index.ef,
-        "mask_ef_power": index.mask_ef_power, "calibration": calibration, "searches": rows,
+        "mask_ef_power": index.mask_ef_power, "graph_dims": index.graph_dims,
+        "calibration": calibration, "searches": rows,
         "exact_p50_ms": 1000 * float(np.percentile(exact_lat, 50)),
     }
 
@@ -230,6 +231,8 @@ def main() -> None:
     parser.add_argument("--M", type=int, default=32)
     parser.add_argument("--ef-construction", type=int, default=200)
     parser.add_argument("--ef", type=int, default=64)
+    parser.add_argument("--graph-dims", type=int, default=0,
+                        help="reduced graph dimensions (0: all concepts)")
     parser.add_argument("--calibrate", action="store_true",
                         help="run ConceptIndex.calibrate before measuring")
     parser.add_argument("--target", type=float, default=0.98)

@@ -189,11 +189,16 @@ def index() -> None:
               help="Base search depth (raised by calibration where recall needs it).")
 @click.option("--exact-below", type=click.IntRange(0), default=2048, show_default=True,
               help="Galleries (and --where subsets) this small are searched by brute force.")
+@click.option("--graph-dims", type=click.IntRange(0), default=0, show_default=True,
+              help="Walk the graph in this many principal directions and re-rank exactly "
+                   "(0: all concepts). 64 makes large galleries (10k+) several times faster "
+                   "for queries that resemble the gallery.")
 @click.option("--no-calibrate", is_flag=True, help="Keep --ef as given.")
 @click.option("--force", is_flag=True, help="Replace an index already in --index.")
 @user_errors
 def build(folder: Path, index_dir: Path, model, precision, threads, metadata_csv, batch_size,
-          skip_errors, M, ef_construction, ef, exact_below, no_calibrate, force) -> None:
+          skip_errors, M, ef_construction, ef, exact_below, graph_dims, no_calibrate,
+          force) -> None:
     """Embed every image below FOLDER into a new index."""
     if index_dir.exists() and not index_dir.is_dir():
         raise CliError(f"{index_dir}: exists and is not a directory")
@@ -212,6 +217,7 @@ def build(folder: Path, index_dir: Path, model, precision, threads, metadata_csv
     idx = ConceptIndex.for_embedder(
         embedder, model_ref=_model_ref(model), precision=precision, M=M,
         ef_construction=ef_construction, ef=ef, exact_below=exact_below, capacity=len(kept),
+        graph_dims=graph_dims or None,
     )
     resolved = [str(p.resolve()) for p in kept]
     vectors = np.concatenate(chunks)
@@ -307,8 +313,10 @@ def info(index_dir: Path, as_json: bool) -> None:
     click.echo(f"model:     {manifest['model']['id']} ({manifest['model']['precision']})")
     click.echo(f"items:     {counts['items']} ({counts['deleted_slots']} free graph slots)")
     click.echo(f"concepts:  {manifest['num_concepts']} ({counts['named_concepts']} named)")
+    graph = hnsw["graph_dims_in_use"]
     click.echo(f"hnsw:      M={hnsw['M']} ef_construction={hnsw['ef_construction']} "
-               f"ef={hnsw['ef']} capacity={hnsw['max_elements']}")
+               f"ef={hnsw['ef']} capacity={hnsw['max_elements']} "
+               f"graph={f'{graph} principal directions' if graph else 'all concepts'}")
     click.echo(f"metadata:  {', '.join(manifest['metadata_keys']) or '(none)'}")
     for i, name in manifest["concept_names"].items():
         click.echo(f"  concept {i}: {name}")

@@ -1280,7 +1280,10 @@ class ConceptIndex:
                 )
             files = manifest["files"]
             if set(files) != set(DATA_FILES):
-                raise IndexCorruptError(f"{manifest_path}: lists files {sorted(files)}")
+                raise IndexCorruptError(
+                    f"{manifest_path}: lists files {sorted(files)}, expected "
+                    f"{sorted(DATA_FILES)} (rebuild the index)"
+                )
             for name in DATA_FILES:
                 file = folder / name
                 if not file.is_file():

@@ -202,13 +202,15 @@ def test_build_skips_corrupt_images_only_when_asked(tmp_path, labelled_folder):
     assert_one_line_error(result, "broken.jpg")
     assert not folder.exists()
     result = run("index", "build", labelled_folder, "--index", folder, "--skip-errors",
-                 "--exact-below", "0", "--threads", "2")
+                 "--exact-below", "0", "--graph-dims", "8", "--threads", "2")
     assert result.exit_code == 0, result.output
     assert "broken.jpg" in result.stderr and "indexed 15 images" in result.stdout
     # with brute force off, the build tuned the graph search on images held back from it
     assert "calibrated search depth" in result.stderr and "3 held-back images" in result.stderr
     index = ConceptIndex.load(folder)
     assert len(index) == 15 and index.exact_below == 0
+    # the reduced graph is remembered; 15 images are too few to fit its directions yet
+    assert index.manifest()["hnsw"]["graph_dims"] == 8 and index.graph_dims is None
     for item in index.ids:
         assert index.search_ids(index.embedding(item), 1)[0][0] == item
 
