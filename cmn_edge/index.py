@@ -14,7 +14,8 @@ On disk an index is ONE directory::
         manifest.json            format version, model identity, counts, sha256 of each file
         hnsw.bin                 the hnswlib graph (space "ip")
         embeddings.npy, ids.npy  float32 [N, C] unit rows and their int64 ids (exact path)
-        projection.npy           [d, C] graph projection ([0, C]: the graph is in concept space)
+        projection.npy           reduced graph: [d + C + 1, C] (projection, capture weights,
+                                 second moments); [0, C]: the graph is in concept space
         metadata.sqlite          items(id, path), meta(id, key, value)
         concepts.json            concept index -> name
 
@@ -191,7 +192,10 @@ class ConceptIndex:
     exactly in concept space. A graph walk over a large gallery is bound by memory traffic
     (2 KB a vector at C=512); 64 dimensions cut that eightfold. Recall is then a matter of
     how many candidates are re-ranked, which :meth:`calibrate` tunes like ``ef``. Masks work
-    unchanged: the masked query is projected like any other. See :meth:`set_graph_dims`.
+    unchanged: the masked query is projected like any other. It assumes queries resemble
+    the gallery: one the projection sees little of is searched deeper, but masked queries
+    unlike the gallery can still lose some recall. The default full-concept graph has no
+    such limit. See :meth:`set_graph_dims`.
 
     ``ef`` is the HNSW search depth for a plain query; a masked query searches
     ``ef / cos(q, q*w)**mask_ef_power`` deep, because the further the mask turns the query
@@ -258,7 +262,11 @@ class ConceptIndex:
         if graph_dims is not None:
             self._check_graph_dims(graph_dims)
         self._wanted_graph_dims = None if graph_dims is None else int(graph_dims)
-        self._typical_capture = 1.0  # median share of an item's norm the projection keeps
+        # with a projection P: the gallery's second moments C = E[g g^T], as C * (P^T P) and
+        # diag(C), so how much of a typical item *under a mask w* the graph sees costs one
+        # quadratic form per query: E||P(g*w)||^2 = w (C * P^T P) w, E||g*w||^2 = w^2 . diag C
+        self._capture_weights: np.ndarray | None = None  # [C, C]
+        self._second_moments: np.ndarray | None = None  # [C]
         self._hnsw = self._new_graph(capacity)
         self._db = _memory_db()
         self._db.executescript(_SCHEMA)
@@ -308,7 +316,7 @@ class ConceptIndex:
         with self._lock.write():
             self._wanted_graph_dims = None if dims is None else int(dims)
             if dims is None:
-                self._projection = None
+                self._projection = self._capture_weights = self._second_moments = None
             else:
                 data = self._vectors(sample) if sample is not None else self._emb[
                     np.flatnonzero(self._alive[: self._rows])
@@ -326,9 +334,10 @@ class ConceptIndex:
                 _, _, vt = np.linalg.svd(data.astype(np.float64), full_matrices=False)
                 self._projection = np.ascontiguousarray(vt[: int(dims)], dtype=np.float32)
                 unit = data / np.linalg.norm(data, axis=1, keepdims=True)
-                self._typical_capture = float(
-                    np.median(np.linalg.norm(unit @ self._projection.T, axis=1))
-                )
+                moments = unit.T @ unit / len(unit)
+                p64 = self._projection.astype(np.float64)
+                self._capture_weights = (moments * (p64.T @ p64)).astype(np.float32)
+                self._second_moments = np.diag(moments).astype(np.float32)
             self._rebuild_graph_unlocked(num_threads)
 
     def _rebuild_graph_unlocked(self, num_threads: int = -1) -> None:
@@ -846,10 +855,10 @@ class ConceptIndex:
         filt = subset.__contains__ if subset is not None else None
         drop = exclude_ids if subset is None else set()
         limit = len(subset) if subset is not None else live
-        ef = self._query_ef(q, qh, k) + len(drop)
+        ef = self._query_ef(q, qh, k, plan) + len(drop)
         try:
             if plan.renormalize:
-                return self._renormalized_unlocked(q, qh, k, plan, limit, ef, filt, drop)
+                return self._renormalized_unlocked(q, qh, k, plan, limit, ef, subset, drop)
             labels, _ = self._knn(qh, min(ef, limit), filt)
             return self._rescore_unlocked(q, labels, plan, k, drop)
         except RuntimeError:  # the graph walk found fewer than asked: brute force instead
@@ -859,24 +868,38 @@ class ConceptIndex:
                 rows = rows[np.isin(self._row_ids[rows], np.fromiter(keep, dtype=np.int64))]
             return self._exact_unlocked(q, k, plan, rows)
 
-    def _query_ef(self, q: np.ndarray, qh: np.ndarray, k: int) -> int:
+    def _query_ef(self, q: np.ndarray, qh: np.ndarray, k: int, plan: _Plan) -> int:
         """Search depth: the base ef, deepened by how much of the query the graph cannot see.
 
-        A mask turns the query away from the data the graph was built on (``cos(q, q*w)``);
-        a reduced graph sees only the query's part in its directions, measured against how
-        much of a typical gallery item it sees. Both shrink the useful signal of the walk.
+        A mask turns the query away from the data the graph was built on (``cos(q, q*w)``,
+        exponent tuned by :meth:`calibrate`). A reduced graph sees only the query's part in
+        its directions: compared with how much it sees of a typical gallery item under the
+        same mask, a query unlike the gallery is searched deeper, steeply (an unlike query
+        needed about (1/seen)^4 the depth to reach the recall of a typical one).
         """
         ef = float(max(self.ef, k))
         if qh is not q:
             cos = float(q @ qh) / (float(np.linalg.norm(qh)) + 1e-30)
             ef /= max(cos, 1e-3) ** self.mask_ef_power
         if self._projection is not None:
-            # steeper: the part the projection misses decides the ranking, not just the path
-            # (an unlike query needed about (1/seen)^4 to reach the recall of a typical one)
-            norm = float(np.linalg.norm(qh)) + 1e-30
-            seen = float(np.linalg.norm(self._projection @ qh)) / norm / self._typical_capture
+            w = None
+            if plan.weights is not None:
+                w = plan.weights * plan.weights if plan.renormalize else plan.weights
+            seen = self._capture(qh) / self._typical_capture_for(w)
             ef /= max(min(seen, 1.0), 1e-3) ** 4
         return int(min(max(math.ceil(ef), k), max(self.max_ef, k)))
+
+    def _capture(self, v: np.ndarray) -> float:
+        return float(np.linalg.norm(self._projection @ v)) / (float(np.linalg.norm(v)) + 1e-30)
+
+    def _typical_capture_for(self, w: np.ndarray | None) -> float:
+        """Root-mean-square share of a gallery item ``g * w`` the projection keeps."""
+        if w is None:
+            kept, total = float(self._capture_weights.sum()), float(self._second_moments.sum())
+        else:
+            kept = float(w @ self._capture_weights @ w)
+            total = float((w * w) @ self._second_moments)
+        return math.sqrt(max(kept, 1e-30) / max(total, 1e-30))
 
     def _knn(self, qh: np.ndarray, fetch: int, filt) -> tuple[np.ndarray, np.ndarray]:
         # hnswlib searches max(ef, k) deep: asking for ``fetch`` results sets the depth per
@@ -896,40 +919,43 @@ class ConceptIndex:
         return self._exact_unlocked(q, k, plan, self._candidate_rows(labels, drop))
 
     def _renormalized_unlocked(
-        self, q: np.ndarray, qh: np.ndarray, k: int, plan: _Plan, limit: int, ef: int, filt,
-        drop: set[int],
+        self, q: np.ndarray, qh: np.ndarray, k: int, plan: _Plan, limit: int, ef: int,
+        subset: set[int] | None, drop: set[int],
     ) -> tuple[np.ndarray, np.ndarray]:
         """Over-fetch by masked inner product, re-rank by masked cosine; fetch deeper until safe.
 
         Safe: either a bound proves no unfetched item can beat the k-th (its masked inner
         product is at most the last fetched one's, and its masked norm at least
-        ``_min_masked_norm``; full-concept graphs only), or the current top k all come from
-        the first half of the
-        fetched list, so the tail that was fetched added nothing and a deeper one is unlikely to.
+        ``_min_masked_norm``; full-concept graphs only), or the current top k all rank in the
+        first half of the fetched list by exact masked inner product, so the tail that was
+        fetched added nothing and a deeper one is unlikely to.
         """
         fetch = max(ef, self.overfetch * k)
+        filt = subset.__contains__ if subset is not None else None
         qw = q * plan.weights
         qn = float(np.linalg.norm(qw))
         while True:
             if fetch * 2 >= limit:  # the walk would visit most of the gallery: brute force
-                rows = np.fromiter(
-                    (r for i, r in self._row_of.items()
-                     if i not in drop and (filt is None or filt(i))),
-                    dtype=np.int64,
-                )
-                return self._exact_unlocked(q, k, plan, rows)
-            labels, dist = self._knn(qh, fetch, filt)
+                if subset is None:
+                    return self._exact_unlocked(q, k, plan, None, drop)
+                ids = np.fromiter(subset, dtype=np.int64, count=len(subset))
+                return self._exact_unlocked(q, k, plan, self._id_rows[ids])
+            labels, _ = self._knn(qh, fetch, filt)
             rows = self._candidate_rows(labels, drop)
             scores = self._scores(q, plan, rows)
             top = np.argsort(-scores, kind="stable")[:k]
-            last_ip = 1.0 - float(dist[-1])
+            ip = self._emb[rows] @ qh  # exact masked inner products of the candidates
+            rank = np.empty(len(ip), dtype=np.int64)
+            rank[np.argsort(-ip, kind="stable")] = np.arange(len(ip))
+            last_ip = float(ip.min())
             if self._projection is not None:
-                bound = math.inf  # graph scores are approximate there: no proof, only the rule
+                bound = math.inf  # the graph's own order is approximate there: no proof
             elif last_ip <= 0:
                 bound = 0.0
             else:
                 bound = last_ip / (qn * max(self._min_masked_norm(plan.weights), 1e-12))
-            if scores[top[-1]] >= bound or top.max() < len(rows) // 2 or fetch >= self.max_ef:
+            deepest = int(rank[top].max())
+            if scores[top[-1]] >= bound or deepest < len(rows) // 2 or fetch >= self.max_ef:
                 return self._exact_unlocked(q, k, plan, rows)
             fetch *= 2
 
@@ -1084,19 +1110,22 @@ class ConceptIndex:
         while plain < goal and self.ef < self.max_ef:
             self.ef = min(self.max_ef, math.ceil(self.ef * 1.5))
             plain = measure(plain_controls, truth)
-        masked = {}
+        # the mask exponent starts from nothing and rises in half steps to the first value
+        # that meets the goal for every mask size: deeper than needed costs time on each query
+        mask_sets = []
         for fraction in mask_fractions:
             n_drop = max(1, round(fraction * self.num_concepts))
             controls = [
                 {"exclude": rng.choice(self.num_concepts, n_drop, replace=False)}
                 for _ in queries
             ]
-            truth = exact(controls)
-            value = measure(controls, truth)
-            while value < goal and self.mask_ef_power < 8:
-                self.mask_ef_power += 1.0
-                value = measure(controls, truth)
-            masked[str(fraction)] = value
+            mask_sets.append((str(fraction), controls, exact(controls)))
+        self.mask_ef_power = 0.0
+        while True:
+            masked = {name: measure(c, t) for name, c, t in mask_sets}
+            if all(v >= goal for v in masked.values()) or self.mask_ef_power >= 8:
+                break
+            self.mask_ef_power += 0.5
         with self._lock.write():
             self._hnsw.set_ef(self.ef)
         return {"ef": self.ef, "mask_ef_power": self.mask_ef_power, "recall": plain,
@@ -1130,7 +1159,6 @@ class ConceptIndex:
                 "seed": self.seed,
                 "graph_dims": self._wanted_graph_dims,
                 "graph_dims_in_use": self.graph_dims,
-                "typical_capture": self._typical_capture,
             },
             "search": {
                 "exact_below": self.exact_below,
@@ -1208,9 +1236,12 @@ class ConceptIndex:
             np.save(handle, ids, allow_pickle=False)
         with open(folder / EMBEDDINGS_FILE, "wb") as handle:
             np.save(handle, np.ascontiguousarray(self._emb[rows]), allow_pickle=False)
-        projection = self._projection
-        if projection is None:
+        if self._projection is None:
             projection = np.zeros((0, self.num_concepts), dtype=np.float32)
+        else:  # [d + C + 1, C]: P, then C * P^T P, then diag C (see __init__)
+            projection = np.concatenate(
+                [self._projection, self._capture_weights, self._second_moments[None, :]]
+            )
         with open(folder / PROJECTION_FILE, "wb") as handle:
             np.save(handle, projection, allow_pickle=False)
         destination = sqlite3.connect(str(folder / METADATA_FILE))
@@ -1305,7 +1336,6 @@ class ConceptIndex:
                 graph_dims=hnsw["graph_dims"],
             )
             in_use = None if hnsw["graph_dims_in_use"] is None else int(hnsw["graph_dims_in_use"])
-            index._typical_capture = float(hnsw["typical_capture"])
             index._next_id = int(manifest["next_id"])
         except (KeyError, TypeError, ValueError) as exc:
             if isinstance(exc, ConceptIndexError):
@@ -1349,12 +1379,16 @@ class ConceptIndex:
             projection = np.load(folder / PROJECTION_FILE, allow_pickle=False)
         except ValueError as exc:
             raise IndexCorruptError(f"{folder / PROJECTION_FILE}: unreadable ({exc})") from None
-        expected = (int(graph_dims or 0), self.num_concepts)
+        d, c = int(graph_dims or 0), self.num_concepts
+        expected = (d + c + 1 if d else 0, c)
         if projection.shape != expected or projection.dtype != np.float32:
             raise IndexCorruptError(
                 f"{folder / PROJECTION_FILE}: expected float32 {list(expected)}"
             )
-        self._projection = projection if graph_dims else None
+        if d:
+            self._projection = np.ascontiguousarray(projection[:d])
+            self._capture_weights = np.ascontiguousarray(projection[d : d + c])
+            self._second_moments = np.ascontiguousarray(projection[d + c])
         try:
             concepts = json.loads((folder / CONCEPTS_FILE).read_text(encoding="utf-8"))
             self._concept_names = {int(i): str(v) for i, v in concepts["names"].items()}
