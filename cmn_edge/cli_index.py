@@ -233,11 +233,12 @@ def build(folder: Path, index_dir: Path, model, precision, threads, metadata_csv
         idx.add(vectors[rest], [resolved[i] for i in rest], [meta[i] for i in rest])
         result = idx.calibrate(queries=vectors[held])
         idx.add(vectors[held], [resolved[i] for i in held], [meta[i] for i in held])
-        click.echo(
-            f"calibrated search depth ef={result['ef']}, mask exponent "
-            f"{result['mask_ef_power']:g} (recall@10 {result['recall']:.3f} on "
-            f"{result['queries']} held-back images)", err=True,
-        )
+        if result["queries"]:
+            click.echo(
+                f"calibrated search depth ef={result['ef']}, mask exponent "
+                f"{result['mask_ef_power']:g} (recall@10 {result['recall']:.3f} on "
+                f"{result['queries']} held-back images)", err=True,
+            )
     idx.save(index_dir, overwrite=force)
     click.echo(f"indexed {len(idx)} images into {index_dir} ({embedder.model_id})")
 
