@@ -83,7 +83,7 @@ class Quant:
     per_channel: bool = True
     reduce_range: bool = False
     #: depthwise, head_matmul, keys_attn_matmul, layernorm, softmax, shape_arith, head_all,
-    #: head_but_const_matmul
+    #: head_but_const_matmul, head_but_matmul
     keep_float: tuple[str, ...] = ()
     pre_process: bool = True
     static_pads: bool = True
@@ -127,6 +127,15 @@ VARIANTS: dict[str, Quant] = {
     "u8s8-constmm": Quant(
         keep_float=("head_but_const_matmul",),
         note="in the head only MatMuls with a constant weight INT8; the rest float",
+    ),
+    "u8s8-constmm-pct": Quant(
+        keep_float=("head_but_const_matmul",),
+        calibrate="Percentile",
+        note="u8s8-constmm calibrated with the 99.999th percentile",
+    ),
+    "u8s8-headmm": Quant(
+        keep_float=("head_but_matmul",),
+        note="in the head every MatMul INT8 (quantize.py head_op_types=('MatMul',))",
     ),
     "u8s8-attnfloat": Quant(
         keep_float=("keys_attn_matmul", "layernorm", "softmax"),
@@ -249,6 +258,9 @@ def nodes_to_keep_float(model_path: Path, kinds: tuple[str, ...]) -> list[str]:
             names.append(node.name)
         if "head_all" in kinds and not node.name.startswith("/backbone/"):
             names.append(node.name)
+        if "head_but_matmul" in kinds and not node.name.startswith("/backbone/"):
+            if node.op_type != "MatMul":
+                names.append(node.name)
         if "head_but_const_matmul" in kinds and not node.name.startswith("/backbone/"):
             if not (node.op_type == "MatMul" and any(i in constants for i in node.input)):
                 names.append(node.name)
