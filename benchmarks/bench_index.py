@@ -35,8 +35,9 @@ import numpy as np
 from cmn_edge.index import ConceptIndex
 
 
-def embed_split(data: str, split: str, model: str | None, precision: str, threads: int | None,
-                batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+def embed_split(
+    data: str, split: str, model: str | None, precision: str, threads: int | None, batch_size: int
+) -> tuple[np.ndarray, np.ndarray]:
     from cmn_edge import Embedder
     from cmn_edge.dataset import load_samples
 
@@ -46,8 +47,10 @@ def embed_split(data: str, split: str, model: str | None, precision: str, thread
     start = time.perf_counter()
     for _paths, emb in embedder.iter_paths([s.path for s in samples], batch_size=batch_size):
         chunks.append(emb)
-    print(f"embedded {len(samples)} images of {data} ({split}) with {embedder.model_id} "
-          f"in {time.perf_counter() - start:.1f}s")
+    print(
+        f"embedded {len(samples)} images of {data} ({split}) with {embedder.model_id} "
+        f"in {time.perf_counter() - start:.1f}s"
+    )
     return np.concatenate(chunks), np.array([s.label for s in samples])
 
 
@@ -73,8 +76,9 @@ def synthetic(real: np.ndarray, n: int, seed: int) -> np.ndarray:
     return out
 
 
-def synthetic_classes(real: np.ndarray, labels: np.ndarray, n: int, seed: int,
-                      per_class: int = 60) -> np.ndarray:
+def synthetic_classes(
+    real: np.ndarray, labels: np.ndarray, n: int, seed: int, per_class: int = 60
+) -> np.ndarray:
     """New classes: centres like the real class means, spread like the real classes."""
     rng = np.random.default_rng(seed)
     x = real.astype(np.float64)
@@ -117,13 +121,26 @@ def masks_for(name: str, num_concepts: int, n: int, rng: np.random.Generator) ->
 MASKS = ("plain", "exclude 1", "exclude 10%", "exclude 50%", "renormalize 50%")
 
 
-def run_gallery(name: str, gallery: np.ndarray, queries: np.ndarray, args,
-                calibration_queries: np.ndarray | None = None) -> dict:
-    print(f"\n== {name}: {len(gallery)} items x {gallery.shape[1]} concepts, "
-          f"{len(queries)} queries, k={args.k}")
+def run_gallery(
+    name: str,
+    gallery: np.ndarray,
+    queries: np.ndarray,
+    args,
+    calibration_queries: np.ndarray | None = None,
+) -> dict:
+    print(
+        f"\n== {name}: {len(gallery)} items x {gallery.shape[1]} concepts, "
+        f"{len(queries)} queries, k={args.k}"
+    )
     index = ConceptIndex(
-        gallery.shape[1], "benchmark", M=args.M, ef_construction=args.ef_construction,
-        ef=args.ef, exact_below=0, capacity=len(gallery), graph_dims=args.graph_dims or None,
+        gallery.shape[1],
+        "benchmark",
+        M=args.M,
+        ef_construction=args.ef_construction,
+        ef=args.ef,
+        exact_below=0,
+        capacity=len(gallery),
+        graph_dims=args.graph_dims or None,
     )
     start, cpu_start = time.perf_counter(), time.process_time()
     for begin in range(0, len(gallery), 10000):
@@ -134,8 +151,7 @@ def run_gallery(name: str, gallery: np.ndarray, queries: np.ndarray, args,
     calibration = None
     if args.calibrate:
         start = time.perf_counter()
-        calibration = index.calibrate(target=args.target, k=args.k,
-                                      queries=calibration_queries)
+        calibration = index.calibrate(target=args.target, k=args.k, queries=calibration_queries)
         calibration["seconds"] = round(time.perf_counter() - start, 2)
     folder = Path(tempfile.mkdtemp(prefix="bench-index-"))
     try:
@@ -148,11 +164,13 @@ def run_gallery(name: str, gallery: np.ndarray, queries: np.ndarray, args,
         load_s = time.perf_counter() - start
     finally:
         shutil.rmtree(folder, ignore_errors=True)
-    print(f"build {build_s:.2f}s wall, {build_cpu_s:.2f}s CPU "
-          f"({len(gallery) / build_s:.0f} items/s), save {save_s:.2f}s, "
-          f"load {load_s:.2f}s, on disk {size / 2**20:.1f} MiB, M={index.M} "
-          f"ef_construction={index.ef_construction} ef={index.ef} "
-          f"mask_ef_power={index.mask_ef_power} graph_dims={index.graph_dims}")
+    print(
+        f"build {build_s:.2f}s wall, {build_cpu_s:.2f}s CPU "
+        f"({len(gallery) / build_s:.0f} items/s), save {save_s:.2f}s, "
+        f"load {load_s:.2f}s, on disk {size / 2**20:.1f} MiB, M={index.M} "
+        f"ef_construction={index.ef_construction} ef={index.ef} "
+        f"mask_ef_power={index.mask_ef_power} graph_dims={index.graph_dims}"
+    )
     if calibration:
         print(f"calibration: {calibration}")
     rng = np.random.default_rng(args.seed)
@@ -189,10 +207,12 @@ def run_gallery(name: str, gallery: np.ndarray, queries: np.ndarray, args,
             "recall": found / total,
         }
         rows.append(row)
-        print(f"  {mask:<16} p50 {row['p50_ms']:6.3f} ms  p99 {row['p99_ms']:6.3f} ms  "
-              f"CPU p50 {row['cpu_p50_ms']:6.3f} ms  p99 {row['cpu_p99_ms']:6.3f} ms  "
-              f"(with metadata p50 {row['p50_with_metadata_ms']:6.3f} ms)  "
-              f"recall@{args.k} {row['recall']:.4f}")
+        print(
+            f"  {mask:<16} p50 {row['p50_ms']:6.3f} ms  p99 {row['p99_ms']:6.3f} ms  "
+            f"CPU p50 {row['cpu_p50_ms']:6.3f} ms  p99 {row['cpu_p99_ms']:6.3f} ms  "
+            f"(with metadata p50 {row['p50_with_metadata_ms']:6.3f} ms)  "
+            f"recall@{args.k} {row['recall']:.4f}"
+        )
     exact_lat = []
     for q in queries[:50]:
         start = time.perf_counter()
@@ -200,12 +220,21 @@ def run_gallery(name: str, gallery: np.ndarray, queries: np.ndarray, args,
         exact_lat.append(time.perf_counter() - start)
     print(f"  {'exact (numpy)':<16} p50 {1000 * np.percentile(exact_lat, 50):6.3f} ms")
     return {
-        "gallery": name, "items": len(gallery), "concepts": gallery.shape[1],
-        "build_s": build_s, "build_cpu_s": build_cpu_s, "save_s": save_s, "load_s": load_s,
+        "gallery": name,
+        "items": len(gallery),
+        "concepts": gallery.shape[1],
+        "build_s": build_s,
+        "build_cpu_s": build_cpu_s,
+        "save_s": save_s,
+        "load_s": load_s,
         "disk_bytes": size,
-        "M": index.M, "ef_construction": index.ef_construction, "ef": index.ef,
-        "mask_ef_power": index.mask_ef_power, "graph_dims": index.graph_dims,
-        "calibration": calibration, "searches": rows,
+        "M": index.M,
+        "ef_construction": index.ef_construction,
+        "ef": index.ef,
+        "mask_ef_power": index.mask_ef_power,
+        "graph_dims": index.graph_dims,
+        "calibration": calibration,
+        "searches": rows,
         "exact_p50_ms": 1000 * float(np.percentile(exact_lat, 50)),
     }
 
@@ -216,25 +245,30 @@ def main() -> None:
     parser.add_argument("--split", default="test")
     parser.add_argument("--embeddings", help="reuse a saved [N, C] float32 .npy instead")
     parser.add_argument("--labels", help="class labels [N] (.npy) for --embeddings")
-    parser.add_argument("--save-embeddings",
-                        help="write the embedded split here (.npy; labels beside it)")
-    parser.add_argument("--synthetic-kind", choices=["gaussian", "classes", "both"],
-                        default="gaussian")
+    parser.add_argument(
+        "--save-embeddings", help="write the embedded split here (.npy; labels beside it)"
+    )
+    parser.add_argument(
+        "--synthetic-kind", choices=["gaussian", "classes", "both"], default="gaussian"
+    )
     parser.add_argument("--model", default=None)
     parser.add_argument("--precision", default="int8", choices=["int8", "fp32"])
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--synthetic", type=int, default=100_000,
-                        help="synthetic gallery size (0: none)")
+    parser.add_argument(
+        "--synthetic", type=int, default=100_000, help="synthetic gallery size (0: none)"
+    )
     parser.add_argument("--queries", type=int, default=200)
     parser.add_argument("--k", type=int, default=10)
     parser.add_argument("--M", type=int, default=32)
     parser.add_argument("--ef-construction", type=int, default=200)
     parser.add_argument("--ef", type=int, default=64)
-    parser.add_argument("--graph-dims", type=int, default=0,
-                        help="reduced graph dimensions (0: all concepts)")
-    parser.add_argument("--calibrate", action="store_true",
-                        help="run ConceptIndex.calibrate before measuring")
+    parser.add_argument(
+        "--graph-dims", type=int, default=0, help="reduced graph dimensions (0: all concepts)"
+    )
+    parser.add_argument(
+        "--calibrate", action="store_true", help="run ConceptIndex.calibrate before measuring"
+    )
     parser.add_argument("--target", type=float, default=0.98)
     parser.add_argument("--skip-real", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
@@ -248,8 +282,9 @@ def main() -> None:
         if args.labels:
             labels = np.load(args.labels, allow_pickle=False)
     elif args.data:
-        real, labels = embed_split(args.data, args.split, args.model, args.precision,
-                                   args.threads, args.batch_size)
+        real, labels = embed_split(
+            args.data, args.split, args.model, args.precision, args.threads, args.batch_size
+        )
         if args.save_embeddings:
             np.save(args.save_embeddings, real)
             np.save(Path(args.save_embeddings).with_suffix(".labels.npy"), labels)
@@ -258,18 +293,25 @@ def main() -> None:
     kinds = ["gaussian", "classes"] if args.synthetic_kind == "both" else [args.synthetic_kind]
     if "classes" in kinds and labels is None:
         parser.error("--synthetic-kind classes needs labels (--data, or --labels)")
-    print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f} "
-          "(a load above the CPU count means the figures were taken on a shared CPU)")
+    print(
+        f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f} "
+        "(a load above the CPU count means the figures were taken on a shared CPU)"
+    )
     results = []
     # the split's last images are the measured queries, the ones before them the calibration
     # queries (when --calibrate): neither is in the gallery
     n_queries = min(args.queries, len(real) // 10)
     n_cal = min(100, len(real) // 10) if args.calibrate else 0
     if not args.skip_real:
-        results.append(run_gallery(
-            "real", real[: len(real) - n_queries - n_cal], real[-n_queries:], args,
-            real[len(real) - n_queries - n_cal : len(real) - n_queries] if n_cal else None,
-        ))
+        results.append(
+            run_gallery(
+                "real",
+                real[: len(real) - n_queries - n_cal],
+                real[-n_queries:],
+                args,
+                real[len(real) - n_queries - n_cal : len(real) - n_queries] if n_cal else None,
+            )
+        )
     # the real queries are the split's last images: leave them out of the fitted statistics
     fit, fit_labels = real[:-n_queries], None if labels is None else labels[:-n_queries]
     for kind in kinds if args.synthetic else []:
@@ -279,10 +321,15 @@ def main() -> None:
         else:
             drawn = synthetic_classes(fit, fit_labels, total, args.seed)
         n = args.synthetic
-        results.append(run_gallery(
-            f"synthetic ({kind})", drawn[:n], drawn[n : n + args.queries], args,
-            drawn[n + args.queries :] if args.calibrate else None,
-        ))
+        results.append(
+            run_gallery(
+                f"synthetic ({kind})",
+                drawn[:n],
+                drawn[n : n + args.queries],
+                args,
+                drawn[n + args.queries :] if args.calibrate else None,
+            )
+        )
     print(f"\nload average at the end {os.getloadavg()[0]:.2f}")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")

@@ -49,7 +49,10 @@ from .index import ConceptIndex, ConceptIndexError, is_index_dir
 from .registry import get_bundled
 
 INDEX_OPTION = click.option(
-    "--index", "index_dir", required=True, type=click.Path(path_type=Path),
+    "--index",
+    "index_dir",
+    required=True,
+    type=click.Path(path_type=Path),
     help="Index directory.",
 )
 
@@ -124,7 +127,10 @@ def _embed_paths(
     kept: list[Path] = []
     chunks = []
     with click.progressbar(
-        length=len(paths), label="Embedding", file=sys.stderr, show_pos=True,
+        length=len(paths),
+        label="Embedding",
+        file=sys.stderr,
+        show_pos=True,
         hidden=not sys.stderr.isatty(),  # no stray label line in logs and pipes
     ) as bar:
         for chunk_start in range(0, len(paths), batch_size):
@@ -178,27 +184,62 @@ def index() -> None:
 @click.argument("folder", type=click.Path(path_type=Path))
 @INDEX_OPTION
 @model_options
-@click.option("--metadata", "metadata_csv", type=click.Path(path_type=Path), default=None,
-              help="CSV with a 'path' column (relative to the CSV) and any metadata columns.")
+@click.option(
+    "--metadata",
+    "metadata_csv",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="CSV with a 'path' column (relative to the CSV) and any metadata columns.",
+)
 @click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True)
 @click.option("--skip-errors", is_flag=True, help="Leave unreadable images out (with a warning).")
-@click.option("--M", "M", type=click.IntRange(2), default=32, show_default=True,
-              help="HNSW links per node.")
+@click.option(
+    "--M", "M", type=click.IntRange(2), default=32, show_default=True, help="HNSW links per node."
+)
 @click.option("--ef-construction", type=click.IntRange(1), default=200, show_default=True)
-@click.option("--ef", type=click.IntRange(1), default=64, show_default=True,
-              help="Base search depth (raised by calibration where recall needs it).")
-@click.option("--exact-below", type=click.IntRange(0), default=2048, show_default=True,
-              help="Galleries (and --where subsets) this small are searched by brute force.")
-@click.option("--graph-dims", type=click.IntRange(0), default=0, show_default=True,
-              help="Walk the graph in this many principal directions and re-rank exactly "
-                   "(0: all concepts). 64 makes large galleries (10k+) several times faster "
-                   "for queries that resemble the gallery.")
+@click.option(
+    "--ef",
+    type=click.IntRange(1),
+    default=64,
+    show_default=True,
+    help="Base search depth (raised by calibration where recall needs it).",
+)
+@click.option(
+    "--exact-below",
+    type=click.IntRange(0),
+    default=2048,
+    show_default=True,
+    help="Galleries (and --where subsets) this small are searched by brute force.",
+)
+@click.option(
+    "--graph-dims",
+    type=click.IntRange(0),
+    default=0,
+    show_default=True,
+    help="Walk the graph in this many principal directions and re-rank exactly "
+    "(0: all concepts). 64 makes large galleries (10k+) several times faster "
+    "for queries that resemble the gallery.",
+)
 @click.option("--no-calibrate", is_flag=True, help="Keep --ef as given.")
 @click.option("--force", is_flag=True, help="Replace an index already in --index.")
 @user_errors
-def build(folder: Path, index_dir: Path, model, precision, threads, metadata_csv, batch_size,
-          skip_errors, M, ef_construction, ef, exact_below, graph_dims, no_calibrate,
-          force) -> None:
+def build(
+    folder: Path,
+    index_dir: Path,
+    model,
+    precision,
+    threads,
+    metadata_csv,
+    batch_size,
+    skip_errors,
+    M,
+    ef_construction,
+    ef,
+    exact_below,
+    graph_dims,
+    no_calibrate,
+    force,
+) -> None:
     """Embed every image below FOLDER into a new index."""
     if index_dir.exists() and not index_dir.is_dir():
         raise CliError(f"{index_dir}: exists and is not a directory")
@@ -215,8 +256,14 @@ def build(folder: Path, index_dir: Path, model, precision, threads, metadata_csv
     if not kept:
         raise CliError(f"{folder}: no readable images (all {len(paths)} were skipped)")
     idx = ConceptIndex.for_embedder(
-        embedder, model_ref=_model_ref(model), precision=precision, M=M,
-        ef_construction=ef_construction, ef=ef, exact_below=exact_below, capacity=len(kept),
+        embedder,
+        model_ref=_model_ref(model),
+        precision=precision,
+        M=M,
+        ef_construction=ef_construction,
+        ef=ef,
+        exact_below=exact_below,
+        capacity=len(kept),
         graph_dims=graph_dims or None,
     )
     resolved = [str(p.resolve()) for p in kept]
@@ -237,7 +284,8 @@ def build(folder: Path, index_dir: Path, model, precision, threads, metadata_csv
             click.echo(
                 f"calibrated search depth ef={result['ef']}, mask exponent "
                 f"{result['mask_ef_power']:g} (recall@10 {result['recall']:.3f} on "
-                f"{result['queries']} held-back images)", err=True,
+                f"{result['queries']} held-back images)",
+                err=True,
             )
     idx.save(index_dir, overwrite=force)
     click.echo(f"indexed {len(idx)} images into {index_dir} ({embedder.model_id})")
@@ -247,13 +295,19 @@ def build(folder: Path, index_dir: Path, model, precision, threads, metadata_csv
 @click.argument("paths", nargs=-1, required=True)
 @INDEX_OPTION
 @model_options
-@click.option("--metadata", "metadata_csv", type=click.Path(path_type=Path), default=None,
-              help="CSV with a 'path' column (relative to the CSV) and any metadata columns.")
+@click.option(
+    "--metadata",
+    "metadata_csv",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="CSV with a 'path' column (relative to the CSV) and any metadata columns.",
+)
 @click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True)
 @click.option("--skip-errors", is_flag=True, help="Leave unreadable images out (with a warning).")
 @user_errors
-def add(paths, index_dir: Path, model, precision, threads, metadata_csv, batch_size,
-        skip_errors) -> None:
+def add(
+    paths, index_dir: Path, model, precision, threads, metadata_csv, batch_size, skip_errors
+) -> None:
     """Add images (files or folders); an image already indexed is re-embedded in place."""
     idx = ConceptIndex.load(index_dir)
     embedder = _embedder_for(idx, model, precision, threads)
@@ -315,9 +369,11 @@ def info(index_dir: Path, as_json: bool) -> None:
     click.echo(f"items:     {counts['items']} ({counts['deleted_slots']} free graph slots)")
     click.echo(f"concepts:  {manifest['num_concepts']} ({counts['named_concepts']} named)")
     graph = hnsw["graph_dims_in_use"]
-    click.echo(f"hnsw:      M={hnsw['M']} ef_construction={hnsw['ef_construction']} "
-               f"ef={hnsw['ef']} capacity={hnsw['max_elements']} "
-               f"graph={f'{graph} principal directions' if graph else 'all concepts'}")
+    click.echo(
+        f"hnsw:      M={hnsw['M']} ef_construction={hnsw['ef_construction']} "
+        f"ef={hnsw['ef']} capacity={hnsw['max_elements']} "
+        f"graph={f'{graph} principal directions' if graph else 'all concepts'}"
+    )
     click.echo(f"metadata:  {', '.join(manifest['metadata_keys']) or '(none)'}")
     for i, name in manifest["concept_names"].items():
         click.echo(f"  concept {i}: {name}")
@@ -346,13 +402,22 @@ def name_concept(index_dir: Path, concept: str, name: str | None, clear: bool) -
 @click.argument("query")
 @INDEX_OPTION
 @click.option("-k", "k", type=int, default=10, show_default=True, help="Results to return.")
-@click.option("--exclude-concept", multiple=True,
-              help="Concept index or name to ignore (repeatable, or comma-separated).")
-@click.option("--only-concept", multiple=True,
-              help="Compare on these concepts only (repeatable, or comma-separated).")
+@click.option(
+    "--exclude-concept",
+    multiple=True,
+    help="Concept index or name to ignore (repeatable, or comma-separated).",
+)
+@click.option(
+    "--only-concept",
+    multiple=True,
+    help="Compare on these concepts only (repeatable, or comma-separated).",
+)
 @click.option("--concept-weight", multiple=True, help="Weight a concept: I=W or NAME=W.")
-@click.option("--renormalize", is_flag=True,
-              help="Score by cosine over the kept concepts instead of the masked dot product.")
+@click.option(
+    "--renormalize",
+    is_flag=True,
+    help="Score by cosine over the kept concepts instead of the masked dot product.",
+)
 @click.option("--where", multiple=True, help="Metadata filter KEY=VALUE (repeatable: all).")
 @click.option("--exact", is_flag=True, help="Brute force instead of the HNSW graph.")
 @click.option("--json", "as_json", is_flag=True, help="Print the documented JSON shape.")
@@ -360,9 +425,23 @@ def name_concept(index_dir: Path, concept: str, name: str | None, clear: bool) -
 @click.option("--explain-top", type=click.IntRange(1), default=5, show_default=True)
 @model_options
 @user_errors
-def search(query: str, index_dir: Path, k, exclude_concept, only_concept, concept_weight,
-           renormalize, where, exact, as_json, explain, explain_top, model, precision,
-           threads) -> None:
+def search(
+    query: str,
+    index_dir: Path,
+    k,
+    exclude_concept,
+    only_concept,
+    concept_weight,
+    renormalize,
+    where,
+    exact,
+    as_json,
+    explain,
+    explain_top,
+    model,
+    precision,
+    threads,
+) -> None:
     """Find the images most like QUERY: an image file, or an indexed item as id:N (or N)."""
     idx = ConceptIndex.load(index_dir)
     weights = {}
@@ -398,17 +477,24 @@ def search(query: str, index_dir: Path, k, exclude_concept, only_concept, concep
         hits = idx.search(embedder.embed(query)[0], **controls)
     if filters and len(hits) < k:
         _warn(f"only {len(hits)} item(s) match {' '.join(where)}")
-    control = idx.plan(controls["exclude"], controls["only"], weights or None,
-                       renormalize).described
+    control = idx.plan(
+        controls["exclude"], controls["only"], weights or None, renormalize
+    ).described
     control["where"] = filters or None
     if as_json:
         out = {"query": query, "query_kind": "id" if query_id is not None else "image"}
         if query_id is not None:
             out["query_id"] = query_id
-        out.update({
-            "model": idx.model_id, "index": str(index_dir), "k": k, "exact": exact,
-            "control": control, "results": [h.to_dict() for h in hits],
-        })
+        out.update(
+            {
+                "model": idx.model_id,
+                "index": str(index_dir),
+                "k": k,
+                "exact": exact,
+                "control": control,
+                "results": [h.to_dict() for h in hits],
+            }
+        )
         click.echo(json.dumps(out, indent=1))
         return
     for hit in hits:

@@ -56,9 +56,7 @@ METADATA_FILE = "metadata.sqlite"
 CONCEPTS_FILE = "concepts.json"
 MANIFEST_FILE = "manifest.json"
 PROJECTION_FILE = "projection.npy"
-DATA_FILES = (
-    HNSW_FILE, EMBEDDINGS_FILE, IDS_FILE, METADATA_FILE, CONCEPTS_FILE, PROJECTION_FILE
-)
+DATA_FILES = (HNSW_FILE, EMBEDDINGS_FILE, IDS_FILE, METADATA_FILE, CONCEPTS_FILE, PROJECTION_FILE)
 _VERSION_RE = re.compile(r"^v-(\d{6,})-([0-9a-f]{8})$")
 _TMP_PREFIX = ".tmp-"
 
@@ -291,8 +289,11 @@ class ConceptIndex:
             space="ip", dim=self.num_concepts if self._projection is None else len(self._projection)
         )
         graph.init_index(
-            max_elements=max(16, int(capacity)), M=self.M, ef_construction=self.ef_construction,
-            random_seed=self.seed, allow_replace_deleted=True,
+            max_elements=max(16, int(capacity)),
+            M=self.M,
+            ef_construction=self.ef_construction,
+            random_seed=self.seed,
+            allow_replace_deleted=True,
         )
         graph.set_ef(self.ef)
         return graph
@@ -318,9 +319,11 @@ class ConceptIndex:
             if dims is None:
                 self._projection = self._capture_weights = self._second_moments = None
             else:
-                data = self._vectors(sample) if sample is not None else self._emb[
-                    np.flatnonzero(self._alive[: self._rows])
-                ]
+                data = (
+                    self._vectors(sample)
+                    if sample is not None
+                    else self._emb[np.flatnonzero(self._alive[: self._rows])]
+                )
                 if len(data) < int(dims):
                     raise ConceptIndexError(
                         f"{self._where()}: {len(data)} embeddings cannot fit {dims} graph "
@@ -345,8 +348,9 @@ class ConceptIndex:
         graph = self._new_graph(max(live, 16))
         if live:
             ids = np.fromiter(self._row_of, dtype=np.int64, count=live)
-            graph.add_items(self._to_graph(self._emb[self._id_rows[ids]]), ids,
-                            num_threads=num_threads)
+            graph.add_items(
+                self._to_graph(self._emb[self._id_rows[ids]]), ids, num_threads=num_threads
+            )
         self._hnsw = graph
 
     # ------------------------------------------------------------------ construction
@@ -359,7 +363,10 @@ class ConceptIndex:
         Concept names the model carries become the index's names (those usable as names).
         """
         index = cls(
-            embedder.num_concepts, embedder.model_id, model_ref=model_ref, precision=precision,
+            embedder.num_concepts,
+            embedder.model_id,
+            model_ref=model_ref,
+            precision=precision,
             **params,
         )
         names = getattr(getattr(embedder, "metadata", None), "concept_names", ()) or ()
@@ -472,8 +479,10 @@ class ConceptIndex:
             self._grow_unlocked(len(new_rows))
             if new_rows:
                 self._hnsw.add_items(
-                    self._to_graph(vectors[new_rows]), np.asarray(new_ids, dtype=np.int64),
-                    num_threads=num_threads, replace_deleted=True,
+                    self._to_graph(vectors[new_rows]),
+                    np.asarray(new_ids, dtype=np.int64),
+                    num_threads=num_threads,
+                    replace_deleted=True,
                 )
             if update_rows:
                 self._hnsw.add_items(
@@ -547,8 +556,7 @@ class ConceptIndex:
         with self._lock.write():
             row = self._row_unlocked(item_id)
             if vector is not None:
-                self._hnsw.add_items(self._to_graph(vector), np.asarray([item_id]),
-                                     num_threads=1)
+                self._hnsw.add_items(self._to_graph(vector), np.asarray([item_id]), num_threads=1)
                 self._emb[row] = vector[0]
                 np.maximum(self._colmax2, vector[0] * vector[0], out=self._colmax2)
             with self._db_lock, self._db:
@@ -648,8 +656,10 @@ class ConceptIndex:
         with self._db_lock:
             parts, args = [], []
             for key, value in where.items():
-                if self._db.execute("SELECT 1 FROM meta WHERE key = ? LIMIT 1", (key,)).fetchone() \
-                        is None:
+                if (
+                    self._db.execute("SELECT 1 FROM meta WHERE key = ? LIMIT 1", (key,)).fetchone()
+                    is None
+                ):
                     known = [r[0] for r in self._db.execute("SELECT DISTINCT key FROM meta")]
                     raise ConceptIndexError(
                         f"{self._where()}: no item has metadata key '{key}' (known keys: "
@@ -811,8 +821,13 @@ class ConceptIndex:
         return self.search(vector, k, exclude_ids=exclude_ids, **kwargs)
 
     def _search_unlocked(
-        self, q: np.ndarray, k: int, plan: _Plan, where: Mapping[str, object] | None,
-        exact: bool, exclude_ids: set[int],
+        self,
+        q: np.ndarray,
+        k: int,
+        plan: _Plan,
+        where: Mapping[str, object] | None,
+        exact: bool,
+        exclude_ids: set[int],
     ) -> tuple[np.ndarray, np.ndarray]:
         k = int(k)
         if k < 1:
@@ -919,8 +934,15 @@ class ConceptIndex:
         return self._exact_unlocked(q, k, plan, self._candidate_rows(labels, drop))
 
     def _renormalized_unlocked(
-        self, q: np.ndarray, qh: np.ndarray, k: int, plan: _Plan, limit: int, ef: int,
-        subset: set[int] | None, drop: set[int],
+        self,
+        q: np.ndarray,
+        qh: np.ndarray,
+        k: int,
+        plan: _Plan,
+        limit: int,
+        ef: int,
+        subset: set[int] | None,
+        drop: set[int],
     ) -> tuple[np.ndarray, np.ndarray]:
         """Over-fetch by masked inner product, re-rank by masked cosine; fetch deeper until safe.
 
@@ -1000,7 +1022,11 @@ class ConceptIndex:
         return out
 
     def _exact_unlocked(
-        self, q: np.ndarray, k: int, plan: _Plan, rows: np.ndarray | None,
+        self,
+        q: np.ndarray,
+        k: int,
+        plan: _Plan,
+        rows: np.ndarray | None,
         exclude_ids: set[int] = frozenset(),
     ) -> tuple[np.ndarray, np.ndarray]:
         """Brute force over ``rows``, or with None over every live item but ``exclude_ids``."""
@@ -1047,9 +1073,7 @@ class ConceptIndex:
         ]
 
     # ------------------------------------------------------------------ calibration
-    def recall(
-        self, queries: np.ndarray, k: int = 10, **controls
-    ) -> float:
+    def recall(self, queries: np.ndarray, k: int = 10, **controls) -> float:
         """Mean recall@k of the graph search against brute force, under ``controls``."""
         queries = self._vectors(queries)
         hits = 0
@@ -1062,8 +1086,13 @@ class ConceptIndex:
         return hits / max(total, 1)
 
     def calibrate(
-        self, target: float = 0.98, k: int = 10, queries: np.ndarray | None = None,
-        sample: int = 100, seed: int = 0, mask_fractions: Sequence[float] = (0.1, 0.5),
+        self,
+        target: float = 0.98,
+        k: int = 10,
+        queries: np.ndarray | None = None,
+        sample: int = 100,
+        seed: int = 0,
+        mask_fractions: Sequence[float] = (0.1, 0.5),
     ) -> dict:
         """Raise ef (plain) and the mask depth exponent until recall@k reaches ``target``
         (plus two standard errors of the sample's recall).
@@ -1077,8 +1106,13 @@ class ConceptIndex:
         rng = np.random.default_rng(seed)
         ids = np.asarray(self.ids)
         if len(ids) <= max(self.exact_below, k + 1):
-            return {"ef": self.ef, "mask_ef_power": self.mask_ef_power, "recall": 1.0,
-                    "masked_recall": {}, "queries": 0}
+            return {
+                "ef": self.ef,
+                "mask_ef_power": self.mask_ef_power,
+                "recall": 1.0,
+                "masked_recall": {},
+                "queries": 0,
+            }
         if queries is not None:
             queries = self._vectors(queries)
             own = [set() for _ in queries]
@@ -1116,8 +1150,7 @@ class ConceptIndex:
         for fraction in mask_fractions:
             n_drop = max(1, round(fraction * self.num_concepts))
             controls = [
-                {"exclude": rng.choice(self.num_concepts, n_drop, replace=False)}
-                for _ in queries
+                {"exclude": rng.choice(self.num_concepts, n_drop, replace=False)} for _ in queries
             ]
             mask_sets.append((str(fraction), controls, exact(controls)))
         self.mask_ef_power = 0.0
@@ -1128,8 +1161,14 @@ class ConceptIndex:
             self.mask_ef_power += 0.5
         with self._lock.write():
             self._hnsw.set_ef(self.ef)
-        return {"ef": self.ef, "mask_ef_power": self.mask_ef_power, "recall": plain,
-                "masked_recall": masked, "queries": len(queries), "goal": goal}
+        return {
+            "ef": self.ef,
+            "mask_ef_power": self.mask_ef_power,
+            "recall": plain,
+            "masked_recall": masked,
+            "queries": len(queries),
+            "goal": goal,
+        }
 
     # ------------------------------------------------------------------ persistence
     def manifest(self) -> dict:
@@ -1182,7 +1221,8 @@ class ConceptIndex:
         same = self.path is not None and _same_dir(target, self.path)
         if target.is_dir():
             entries = [
-                e for e in os.listdir(target)
+                e
+                for e in os.listdir(target)
                 if e != LOCK and not e.startswith(_TMP_PREFIX) and not _VERSION_RE.match(e)
             ]
             if POINTER not in entries and entries:
@@ -1319,20 +1359,28 @@ class ConceptIndex:
                 file = folder / name
                 if not file.is_file():
                     raise FileNotFoundError(f"{file}: missing")
-                if file.stat().st_size != files[name]["bytes"] or _sha256(file) != files[
-                    name
-                ]["sha256"]:
+                if (
+                    file.stat().st_size != files[name]["bytes"]
+                    or _sha256(file) != files[name]["sha256"]
+                ):
                     raise IndexCorruptError(f"{file}: checksum mismatch (file was modified)")
             hnsw = manifest["hnsw"]
             search = manifest["search"]
             model = manifest["model"]
             index = cls(
-                int(manifest["num_concepts"]), model.get("id"), model_ref=model.get("ref"),
-                precision=model.get("precision"), M=int(hnsw["M"]),
-                ef_construction=int(hnsw["ef_construction"]), ef=int(hnsw["ef"]),
-                seed=int(hnsw["seed"]), exact_below=int(search["exact_below"]),
+                int(manifest["num_concepts"]),
+                model.get("id"),
+                model_ref=model.get("ref"),
+                precision=model.get("precision"),
+                M=int(hnsw["M"]),
+                ef_construction=int(hnsw["ef_construction"]),
+                ef=int(hnsw["ef"]),
+                seed=int(hnsw["seed"]),
+                exact_below=int(search["exact_below"]),
                 mask_ef_power=float(search["mask_ef_power"]),
-                overfetch=int(search["overfetch"]), max_ef=int(search["max_ef"]), capacity=16,
+                overfetch=int(search["overfetch"]),
+                max_ef=int(search["max_ef"]),
+                capacity=16,
                 graph_dims=hnsw["graph_dims"],
             )
             in_use = None if hnsw["graph_dims_in_use"] is None else int(hnsw["graph_dims_in_use"])
@@ -1408,7 +1456,8 @@ class ConceptIndex:
         hnsw = hnswlib.Index(space="ip", dim=self.graph_dims or self.num_concepts)
         try:
             hnsw.load_index(
-                str(folder / HNSW_FILE), max_elements=int(manifest["hnsw"]["max_elements"]),
+                str(folder / HNSW_FILE),
+                max_elements=int(manifest["hnsw"]["max_elements"]),
                 allow_replace_deleted=True,
             )
         except RuntimeError as exc:

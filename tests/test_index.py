@@ -22,8 +22,9 @@ from cmn_edge.index import (
 DIM = 64
 
 
-def clustered(n: int, dim: int = DIM, clusters: int = 40, spread: float = 0.35,
-              seed: int = 0) -> np.ndarray:
+def clustered(
+    n: int, dim: int = DIM, clusters: int = 40, spread: float = 0.35, seed: int = 0
+) -> np.ndarray:
     """Unit vectors around random centres: neighbourhoods like a real gallery's."""
     rng = np.random.default_rng(seed)
     centres = rng.standard_normal((clusters, dim))
@@ -52,14 +53,22 @@ def queries() -> np.ndarray:
 def big(gallery: np.ndarray) -> ConceptIndex:
     """HNSW forced on (exact_below=0), one metadata key for filters."""
     idx = ConceptIndex(DIM, "test-model@0", exact_below=0)
-    idx.add(gallery, [f"img/{i}.jpg" for i in range(len(gallery))],
-            [{"label": str(i % 7), "half": "a" if i < 1500 else "b"} for i in range(len(gallery))],
-            num_threads=1)  # one thread: the same graph on every run
+    idx.add(
+        gallery,
+        [f"img/{i}.jpg" for i in range(len(gallery))],
+        [{"label": str(i % 7), "half": "a" if i < 1500 else "b"} for i in range(len(gallery))],
+        num_threads=1,
+    )  # one thread: the same graph on every run
     return idx
 
 
-def brute(gallery: np.ndarray, q: np.ndarray, k: int, w: np.ndarray | None = None,
-          renormalize: bool = False) -> tuple[np.ndarray, np.ndarray]:
+def brute(
+    gallery: np.ndarray,
+    q: np.ndarray,
+    k: int,
+    w: np.ndarray | None = None,
+    renormalize: bool = False,
+) -> tuple[np.ndarray, np.ndarray]:
     """Independent reference: masked dot product or masked cosine, ties broken by id."""
     g = gallery.astype(np.float64)
     q = q.astype(np.float64) / np.linalg.norm(q)
@@ -153,8 +162,9 @@ def test_explain_contributions_sum_to_score(big, queries):
                 if hit.score > 0:
                     assert sum(c["share"] for c in hit.top_concepts) == pytest.approx(1, abs=1e-4)
                 excluded = set(controls.get("exclude", []))
-                assert all(c["contribution"] == 0 for c in hit.top_concepts
-                           if c["index"] in excluded)
+                assert all(
+                    c["contribution"] == 0 for c in hit.top_concepts if c["index"] in excluded
+                )
                 named = [c for c in hit.top_concepts if c["index"] == 4]
                 assert named and named[0]["name"] == "stripes"
     finally:
@@ -273,11 +283,15 @@ def test_save_load_round_trip(tmp_path, big, queries):
     assert loaded.model_id == "test-model@0" and loaded.concept_names == {2: "wing"}
     assert loaded.item(17) == big.item(17)
     for q in queries[:10]:
-        for controls in ({}, {"exclude": ["wing", 3]}, {"only": list(range(30)),
-                                                       "renormalize": True}):
+        for controls in (
+            {},
+            {"exclude": ["wing", 3]},
+            {"only": list(range(30)), "renormalize": True},
+        ):
             a = loaded.search(q, 10, **controls)
-            b = big.search(q, 10, **{k: ([2, 3] if v == ["wing", 3] else v)
-                                     for k, v in controls.items()})
+            b = big.search(
+                q, 10, **{k: ([2, 3] if v == ["wing", 3] else v) for k, v in controls.items()}
+            )
             assert [(h.id, h.score, h.path, h.metadata) for h in a] == [
                 (h.id, h.score, h.path, h.metadata) for h in b
             ]
@@ -315,8 +329,10 @@ def version_dir(folder: Path) -> Path:
     return folder / json.loads((folder / "current").read_text())["version"]
 
 
-@pytest.mark.parametrize("name", ["hnsw.bin", "embeddings.npy", "ids.npy", "metadata.sqlite",
-                                  "concepts.json", "manifest.json"])
+@pytest.mark.parametrize(
+    "name",
+    ["hnsw.bin", "embeddings.npy", "ids.npy", "metadata.sqlite", "concepts.json", "manifest.json"],
+)
 def test_tampered_file_is_refused_before_hnswlib_sees_it(tmp_path, gallery, monkeypatch, name):
     folder = small_saved(tmp_path, gallery)
     file = version_dir(folder) / name
@@ -399,7 +415,8 @@ def test_save_refuses_foreign_or_changed_directories(tmp_path, gallery):
     loaded = ConceptIndex.load(folder)
     loaded.save()
     assert sorted(p.name for p in folder.iterdir() if p.name != ".lock") == [
-        "current", json.loads((folder / "current").read_text())["version"]
+        "current",
+        json.loads((folder / "current").read_text())["version"],
     ]
 
 
@@ -453,8 +470,11 @@ def test_reduced_graph_recall_growth_and_round_trip(tmp_path, gallery, queries):
         approx_ids, approx_scores = idx.search_ids(queries[0], 10, **MASKS[mask])
         exact_ids, exact_scores = idx.search_ids(queries[0], 10, exact=True, **MASKS[mask])
         shared = dict(zip(exact_ids.tolist(), exact_scores.tolist()))
-        assert all(shared[i] == sc for i, sc in zip(approx_ids.tolist(), approx_scores.tolist())
-                   if i in shared)
+        assert all(
+            shared[i] == sc
+            for i, sc in zip(approx_ids.tolist(), approx_scores.tolist())
+            if i in shared
+        )
     loaded = ConceptIndex.load(idx.save(tmp_path / "reduced"))
     assert loaded.graph_dims == 16 and loaded.manifest()["hnsw"]["graph_dims"] == 16
     for q in queries[:10]:

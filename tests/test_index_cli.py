@@ -65,7 +65,8 @@ def built(tmp_path: Path, labelled_folder: Path, embedder) -> Path:
     index = ConceptIndex.for_embedder(embedder, precision="int8")
     kinds = {"rocket": "vehicle", "motorcycle": "vehicle"}
     index.add(
-        embedder.embed(paths), [str(p.resolve()) for p in paths],
+        embedder.embed(paths),
+        [str(p.resolve()) for p in paths],
         [{"label": p.parent.name, "kind": kinds.get(p.parent.name, "other")} for p in paths],
     )
     return index.save(tmp_path / "gallery.idx")
@@ -79,8 +80,17 @@ def search_json(folder: Path, *args: str) -> dict:
 
 def test_build_info_and_search(tmp_path, labelled_folder, metadata_csv, embedder):
     built = tmp_path / "cli.idx"
-    result = run("index", "build", labelled_folder, "--index", built, "--metadata",
-                 metadata_csv, "--threads", "2")
+    result = run(
+        "index",
+        "build",
+        labelled_folder,
+        "--index",
+        built,
+        "--metadata",
+        metadata_csv,
+        "--threads",
+        "2",
+    )
     assert result.exit_code == 0, result.output
     assert "indexed 15 images" in result.stdout and result.stderr == ""
     info = run("index", "info", "--index", built, "--json")
@@ -95,18 +105,20 @@ def test_build_info_and_search(tmp_path, labelled_folder, metadata_csv, embedder
 
     cat = labelled_folder / "cat" / "original.jpg"
     out = search_json(built, cat, "-k", "4", "--threads", "2")
-    assert set(out) == {"query", "query_kind", "model", "index", "k", "exact", "control",
-                        "results"}
+    assert set(out) == {"query", "query_kind", "model", "index", "k", "exact", "control", "results"}
     assert out["query_kind"] == "image" and out["model"] == embedder.model_id
     results = out["results"]
     assert [r["rank"] for r in results] == [1, 2, 3, 4]
     assert set(results[0]) == {"rank", "id", "score", "path", "metadata"}
-    assert results[0]["path"] == str(cat.resolve()) and results[0]["score"] == pytest.approx(1,
-                                                                                              abs=1e-4)
+    assert results[0]["path"] == str(cat.resolve()) and results[0]["score"] == pytest.approx(
+        1, abs=1e-4
+    )
     assert results[0]["metadata"] == {"kind": "other", "label": "cat"}
     assert [r["score"] for r in results] == sorted((r["score"] for r in results), reverse=True)
-    assert search_json(built, "id:0", "-k", "4", "--exact")["results"] == search_json(
-        built, "id:0", "-k", "4")["results"]
+    assert (
+        search_json(built, "id:0", "-k", "4", "--exact")["results"]
+        == search_json(built, "id:0", "-k", "4")["results"]
+    )
 
     plain = run("search", cat, "--index", built, "-k", "2", "--threads", "2")
     assert plain.exit_code == 0
@@ -122,8 +134,18 @@ def test_id_query_where_filter_and_concept_controls(built):
     bare = search_json(built, "0", "-k", "3", "--where", "kind=vehicle")
     assert bare["results"] == out["results"]
 
-    masked = search_json(built, "id:3", "-k", "5", "--exclude-concept", "1,2",
-                         "--exclude-concept", "7", "--concept-weight", "9=2.5")
+    masked = search_json(
+        built,
+        "id:3",
+        "-k",
+        "5",
+        "--exclude-concept",
+        "1,2",
+        "--exclude-concept",
+        "7",
+        "--concept-weight",
+        "9=2.5",
+    )
     assert masked["control"]["exclude"] == [1, 2, 7]
     assert masked["control"]["weights"] == {"9": 2.5}
     index = ConceptIndex.load(built)
@@ -134,8 +156,9 @@ def test_id_query_where_filter_and_concept_controls(built):
     for r in masked["results"]:
         assert r["score"] == pytest.approx(float((q * w) @ index.embedding(r["id"])), abs=1e-5)
 
-    renorm = search_json(built, "id:3", "-k", "2", "--only-concept", "0,1,2,3,4,5,6,7",
-                         "--renormalize")
+    renorm = search_json(
+        built, "id:3", "-k", "2", "--only-concept", "0,1,2,3,4,5,6,7", "--renormalize"
+    )
     for r in renorm["results"]:
         qm, gm = q[:8], index.embedding(r["id"])[:8]
         cosine = float(qm @ gm / np.linalg.norm(qm) / np.linalg.norm(gm))
@@ -150,8 +173,9 @@ def test_name_concept_and_explain(built):
     named = run("index", "name-concept", "--index", built, "11", "beak")
     assert named.exit_code == 0, named.output
     assert ConceptIndex.load(built).concept_names == {11: "beak"}
-    by_name = search_json(built, "id:2", "-k", "3", "--exclude-concept", "beak",
-                          "--concept-weight", "beak=0")
+    by_name = search_json(
+        built, "id:2", "-k", "3", "--exclude-concept", "beak", "--concept-weight", "beak=0"
+    )
     by_index = search_json(built, "id:2", "-k", "3", "--exclude-concept", "11")
     assert by_name["results"] == by_index["results"]
 
@@ -201,8 +225,20 @@ def test_build_skips_corrupt_images_only_when_asked(tmp_path, labelled_folder):
     result = run("index", "build", labelled_folder, "--index", folder)
     assert_one_line_error(result, "broken.jpg")
     assert not folder.exists()
-    result = run("index", "build", labelled_folder, "--index", folder, "--skip-errors",
-                 "--exact-below", "0", "--graph-dims", "8", "--threads", "2")
+    result = run(
+        "index",
+        "build",
+        labelled_folder,
+        "--index",
+        folder,
+        "--skip-errors",
+        "--exact-below",
+        "0",
+        "--graph-dims",
+        "8",
+        "--threads",
+        "2",
+    )
     assert result.exit_code == 0, result.output
     assert "broken.jpg" in result.stderr and "indexed 15 images" in result.stdout
     # with brute force off, the build tuned the graph search on images held back from it
@@ -257,8 +293,9 @@ def test_bad_search_arguments(built, extra, needle):
 
 def test_bad_queries(built, tmp_path):
     assert_one_line_error(run("search", "id:999", "--index", built), "id:999", "no item")
-    assert_one_line_error(run("search", tmp_path / "nope.jpg", "--index", built),
-                          "nope.jpg", "no such image")
+    assert_one_line_error(
+        run("search", tmp_path / "nope.jpg", "--index", built), "nope.jpg", "no such image"
+    )
     junk = tmp_path / "junk.jpg"
     junk.write_bytes(b"not an image")
     assert_one_line_error(run("search", junk, "--index", built), "junk.jpg")
@@ -267,8 +304,13 @@ def test_bad_queries(built, tmp_path):
 def test_broken_index_directories(built, tmp_path, labelled_folder):
     cat = labelled_folder / "cat" / "original.jpg"
     missing = tmp_path / "missing.idx"
-    for args in (["search", cat], ["index", "info"], ["index", "add", cat],
-                 ["index", "remove", "1"], ["index", "name-concept", "1", "x"]):
+    for args in (
+        ["search", cat],
+        ["index", "info"],
+        ["index", "add", cat],
+        ["index", "remove", "1"],
+        ["index", "name-concept", "1", "x"],
+    ):
         assert_one_line_error(run(*args, "--index", missing), str(missing), "not found")
     assert not missing.exists()
 
@@ -281,8 +323,12 @@ def test_broken_index_directories(built, tmp_path, labelled_folder):
         ConceptIndex.load(built).save(copy)
         corrupt_version_file(copy, name)
         before = snapshot(copy)
-        for args in (["search", "id:0"], ["index", "info"], ["index", "add", cat],
-                     ["index", "remove", "1"]):
+        for args in (
+            ["search", "id:0"],
+            ["index", "info"],
+            ["index", "add", cat],
+            ["index", "remove", "1"],
+        ):
             result = run(*args, "--index", copy)
             assert_one_line_error(result, name, "checksum mismatch")
         assert snapshot(copy) == before
@@ -303,25 +349,31 @@ def test_bad_builds_write_nothing(tmp_path, labelled_folder, built):
     (empty / "readme.txt").write_text("no images here")
     target = tmp_path / "new.idx"
     assert_one_line_error(run("index", "build", empty, "--index", target), "no images found")
-    assert_one_line_error(run("index", "build", tmp_path / "nowhere", "--index", target),
-                          "nowhere", "not found")
+    assert_one_line_error(
+        run("index", "build", tmp_path / "nowhere", "--index", target), "nowhere", "not found"
+    )
     assert not target.exists()
 
     before = snapshot(built)
-    assert_one_line_error(run("index", "build", labelled_folder, "--index", built),
-                          str(built), "already holds an index")
+    assert_one_line_error(
+        run("index", "build", labelled_folder, "--index", built),
+        str(built),
+        "already holds an index",
+    )
     assert snapshot(built) == before
 
     bad_csv = tmp_path / "bad.csv"
     bad_csv.write_text("file,label\ncat/original.jpg,cat\n")
     assert_one_line_error(
         run("index", "build", labelled_folder, "--index", target, "--metadata", bad_csv),
-        "bad.csv", "'path' column",
+        "bad.csv",
+        "'path' column",
     )
     bad_csv.write_text(f"path,label\n{labelled_folder}/cat/nope.jpg,cat\n")
     assert_one_line_error(
         run("index", "build", labelled_folder, "--index", target, "--metadata", bad_csv),
-        "bad.csv:2", "not found",
+        "bad.csv:2",
+        "not found",
     )
     assert not target.exists()
 
@@ -331,14 +383,18 @@ def test_bad_changes_write_nothing(built, tmp_path, labelled_folder):
     broken = tmp_path / "broken.jpg"
     broken.write_bytes(b"\x89PNG\r\n\x1a\n truncated")
     assert_one_line_error(run("index", "add", broken, "--index", built), "broken.jpg")
-    assert_one_line_error(run("index", "add", tmp_path / "absent.jpg", "--index", built),
-                          "absent.jpg")
-    assert_one_line_error(run("index", "remove", "3", "12345", "--index", built),
-                          "12345", "not in the index")
-    assert_one_line_error(run("index", "name-concept", "--index", built, "99999", "x"),
-                          "out of range")
-    assert_one_line_error(run("index", "name-concept", "--index", built, "4", "17"),
-                          "looks like an index")
+    assert_one_line_error(
+        run("index", "add", tmp_path / "absent.jpg", "--index", built), "absent.jpg"
+    )
+    assert_one_line_error(
+        run("index", "remove", "3", "12345", "--index", built), "12345", "not in the index"
+    )
+    assert_one_line_error(
+        run("index", "name-concept", "--index", built, "99999", "x"), "out of range"
+    )
+    assert_one_line_error(
+        run("index", "name-concept", "--index", built, "4", "17"), "looks like an index"
+    )
     assert snapshot(built) == before
     assert len(ConceptIndex.load(built)) == 15
 
@@ -379,7 +435,9 @@ def test_kill_during_save_leaves_old_or_new_index(tmp_path):
     for attempt in range(6):
         child = subprocess.Popen(
             [sys.executable, str(script), str(folder), str(1000 + attempt)],
-            stdout=subprocess.PIPE, text=True, env=env,
+            stdout=subprocess.PIPE,
+            text=True,
+            env=env,
         )
         # time one whole save, then kill at a random moment of the following add + save
         assert child.stdout.readline().startswith("saving")
