@@ -21,7 +21,8 @@ throughput ``b32 img/s``); ``cos`` the mean and minimum cosine between the varia
 the FP32 embeddings of held-out images (classes never used for calibration); ``qconv`` how
 many Conv nodes onnxruntime turned into integer kernels (after its own graph
 optimisation) out of all Convs. All graphs are timed in interleaved rounds, so that other
-work on the machine falls on all of them alike.
+work on the machine falls on all of them alike; ``cmn-edge bench`` (one session at a time)
+is the reference for the latency of a shipped pair.
 
 The ``onnx`` package is used here (benchmarks are not the runtime) for graph edits and for
 the check that the head's input-independent parts are constants, and to cross-check the
@@ -447,6 +448,9 @@ class Timer:
     def run(self, rounds: int, runs: dict[int, int]) -> None:
         for _ in range(rounds):
             for name, session in self.sessions.items():
+                # Let the previous session's spinning worker threads park first, or they
+                # steal this one's cores (17 sessions hold 17 thread pools).
+                time.sleep(0.02)
                 outputs = _first_output(session)
                 for batch, count in runs.items():
                     feed = self.inputs[batch]
