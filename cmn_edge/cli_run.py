@@ -78,6 +78,11 @@ def _atomic_output(target: Path | None, binary: bool) -> Iterator[io.IOBase]:
             yield sys.stdout
             sys.stdout.flush()
         return
+    if target.exists() and not target.is_file() and not target.is_dir():
+        # A device or FIFO (/dev/null, a pipe): renaming over it would replace it with a file.
+        with open(target, "wb" if binary else "w", **({} if binary else {"newline": ""})) as out:
+            yield out
+        return
     directory = target.parent if str(target.parent) else Path(".")
     handle = tempfile.NamedTemporaryFile(
         mode="wb" if binary else "w",

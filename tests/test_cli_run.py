@@ -369,3 +369,25 @@ def test_progress_bar_goes_to_stderr_only(monkeypatch, labelled_folder, embedder
     assert json.loads(result.stdout)["count"] == 15
     monkeypatch.setattr(cli_run, "_interactive", lambda: False)
     assert run("embed", labelled_folder, "--format", "npy").stderr == ""
+
+
+def test_output_to_a_device_writes_through_it_and_leaves_it_a_device(tmp_path, photos) -> None:
+    """--output /dev/null must not be renamed over (an earlier version replaced the device)."""
+    import os
+    import stat
+    import subprocess
+    import sys
+
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    reader = subprocess.Popen([sys.executable, "-c", f"print(len(open({str(fifo)!r}).read()))"],
+                              stdout=subprocess.PIPE, text=True)
+    result = subprocess.run(["cmn-edge", "embed", str(photos["cat"]), "--output", str(fifo),
+                             "--format", "json"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert int(reader.communicate(timeout=60)[0]) > 1000
+    assert stat.S_ISFIFO(os.stat(fifo).st_mode)
+    result = subprocess.run(["cmn-edge", "embed", str(photos["cat"]), "--output", "/dev/null"],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert stat.S_ISCHR(os.stat("/dev/null").st_mode)
