@@ -272,5 +272,23 @@ def validate_command(model, int8_model, checkpoint, upstream_checkpoint, data, s
         raise CliError(f"{model}: PyTorch vs ONNX parity above {parity['tolerance']:g}")
 
 
+@main.command("pack")
+@click.argument("dataset", type=click.Path(path_type=Path))
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Folder to write.")
+@click.option("--split", default="train", show_default=True)
+@click.option("--format", "image_format", type=click.Choice(["webp", "jpeg"]), default="webp",
+              show_default=True)
+@click.option("--quality", default=70, show_default=True, type=click.IntRange(1, 100))
+@click.option("--max-side", default=0, show_default=True,
+              help="Shrink images whose short side is longer (0: keep the size).")
+@_user_errors
+def pack_command(dataset, out, split, image_format, quality, max_side) -> None:
+    """Re-encode one split of DATASET small enough to carry (e.g. to a GPU machine)."""
+    from .pack import pack_split
+
+    count, size = pack_split(dataset, out, split, image_format, quality, max_side)
+    click.echo(f"{out}: {count} images, {size / 1e6:.1f} MB")
+
+
 if __name__ == "__main__":
     sys.exit(main())

@@ -74,7 +74,10 @@ def seed_everything(seed: int) -> None:
 def embed_images(model: CMN, data: D.LabelledSet, device: torch.device, workers: int = 0):
     preprocess = model.spec.preprocess(model.input_size)
     loader = DataLoader(
-        D.ImageSet(data, D.eval_transform(preprocess)), batch_size=64, num_workers=workers
+        D.ImageSet(data, D.eval_transform(preprocess)),
+        batch_size=64,
+        num_workers=workers,
+        pin_memory=device.type == "cuda",
     )
     model.eval()
     out = [model(x.to(device)).cpu() for x, _ in tqdm(loader, desc="embedding", leave=False)]
@@ -85,6 +88,8 @@ class Trainer:
     def __init__(self, config: TrainConfig) -> None:
         self.config = config
         self.device = pick_device(config.device)
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # fixed input size: pick the fastest kernels
         self.out = Path(config.out_dir)
         self.out.mkdir(parents=True, exist_ok=True)
         seed_everything(config.seed)
@@ -156,9 +161,10 @@ class Trainer:
                 shuffle=True,
                 drop_last=True,
                 num_workers=config.workers,
+                pin_memory=self.device.type == "cuda",
             )
             for x, y in loader:
-                yield x.to(self.device), y.to(self.device)
+                yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
     def _steps_per_epoch(self) -> int:
         steps = len(self.train_set) // self.config.batch_size
