@@ -206,13 +206,20 @@ def onnx_command(checkpoint, upstream_checkpoint, out, name, concept_names) -> N
     is_flag=True,
     help="Quantize the head's MatMuls (half the weights), LayerNorm/Softmax stay float.",
 )
+@click.option(
+    "--quantize-head-projections/--float-head-projections",
+    default=True,
+    show_default=True,
+    help="Quantize the head's MatMuls with a constant weight (token/key/query projections).",
+)
 @click.option("--float-op-type", "float_op_types", multiple=True,
               help="Op types kept float everywhere (repeatable; replaces the default list).")
 @click.option("--seed", default=0, show_default=True)
 @_user_errors
 def quantize_command(model, calibration, split, count, check_count, out, method, quant_format,
                      activation_type, weight_type, per_channel, reduce_range, quantize_head,
-                     quantize_head_matmuls, float_op_types, seed) -> None:
+                     quantize_head_matmuls, quantize_head_projections, float_op_types,
+                     seed) -> None:
     """Static INT8 quantization of MODEL, calibrated on TRAIN-split images."""
     from .quantize import DEFAULT_FLOAT_OP_TYPES, QuantizeOptions, quantize, summary
 
@@ -228,6 +235,7 @@ def quantize_command(model, calibration, split, count, check_count, out, method,
         reduce_range=reduce_range,
         float_head=not quantize_head,
         head_op_types=("MatMul",) if quantize_head_matmuls else (),
+        head_projections=quantize_head_projections,
         float_op_types=tuple(float_op_types) or DEFAULT_FLOAT_OP_TYPES,
     )
     result = quantize(model, out, calibration, split, count, check_count, seed, options)
