@@ -128,7 +128,7 @@ BACKBONES: dict[str, BackboneSpec] = {
             std=IMAGENET_STD_255,
             tail_from=4,
             weights=None,
-            weights_note="random init here; load your own ImageNet weights (--backbone-weights)",
+            weights_note="random init unless --backbone-weights gives a torchvision state dict",
         ),
     )
 }
@@ -141,17 +141,57 @@ def get_spec(name: str) -> BackboneSpec:
         raise ValueError(f"unknown backbone '{name}' (known: {', '.join(BACKBONES)})") from None
 
 
-class Backbone(nn.Module):
-    """A CNN trunk split in two: ``head_stages`` (frozen when tuning the tail) and ``tail``."""
+def load_weights_file(path: str | Path, net: nn.Module) -> None:
+    """Load a state dict saved from the backbone's own constructor (timm / torchvision names),
+    e.g. torchvision's ResNet-50 ImageNet weights; strictly, so a wrong file fails loudly."""
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"{path}: backbone weights file not found")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for a damaged or foreign file
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise WeightsError(f"{path}: not a readable state dict ({reason})") from None
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise WeightsError(f"{path}: not a state dict of tensors")
+    expected = net.state_dict()
+    extra, missing = sorted(set(state) - set(expected)), sorted(set(expected) - set(state))
+    if extra or missing:
+        raise WeightsError(
+            f"{path}: does not fit {type(net).__name__} (unexpected keys {extra[:3]}, "
+            f"missing keys {missing[:3]})"
+        )
+    for name, tensor in state.items():
+        if tensor.shape != expected[name].shape:
+            raise WeightsError(
+                f"{path}: {name} has shape {tuple(tensor.shape)}, the network wants "
+                f"{tuple(expected[name].shape)}"
+            )
+    # half-precision copies (smaller to carry) load into the float32 network as they are
+    net.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()}, strict=True)
 
-    def __init__(self, spec: BackboneSpec, pretrained: bool = True) -> None:
+
+class Backbone(nn.Module):
+    """A CNN trunk split in two: ``head_stages`` (frozen when tuning the tail) and ``tail``.
+
+    Weights: ``weights_file`` when given (any backbone), else the table's own source when
+    ``pretrained``, else random.
+    """
+
+    def __init__(
+        self, spec: BackboneSpec, pretrained: bool = True, weights_file: str | Path | None = None
+    ) -> None:
         super().__init__()
         self.spec = spec
         if spec.family == "timm-efficientnet":
             import timm
 
             net = timm.create_model(spec.arch, pretrained=False)
-            if pretrained and spec.weights is not None:
+            if weights_file is not None:
+                load_weights_file(weights_file, net)
+            elif pretrained and spec.weights is not None:
                 net.load_state_dict(spec.weights(), strict=True)
             self.trunk = nn.Sequential(net.conv_stem, net.bn1, *net.blocks[: spec.tail_from])
             self.tail = nn.Sequential(*net.blocks[spec.tail_from :], net.conv_head, net.bn2)
@@ -160,6 +200,8 @@ class Backbone(nn.Module):
             import torchvision
 
             net = getattr(torchvision.models, spec.arch)(weights=None)
+            if weights_file is not None:
+                load_weights_file(weights_file, net)
             layers = [net.layer1, net.layer2, net.layer3, net.layer4]
             self.trunk = nn.Sequential(
                 net.conv1, net.bn1, net.relu, net.maxpool, *layers[: spec.tail_from - 1]

@@ -46,11 +46,17 @@ def main() -> None:
 @click.option("--final-test/--no-final-test", default=True, show_default=True)
 @click.option("--max-steps-per-epoch", default=0, hidden=True)
 @click.option("--no-pretrained", is_flag=True, help="Random backbone init (tests).")
+@click.option(
+    "--backbone-weights",
+    type=click.Path(path_type=str),
+    help="State dict of the backbone network to start from (e.g. torchvision ResNet-50).",
+)
 @click.option("--resume", type=click.Path(path_type=Path), help="A last.pt to continue from.")
 def train(datasets, resume, no_pretrained, **options) -> None:
     """Train on DATASETS (folders with manifest.csv, or <class>/<img> trees)."""
     from cmn_edge.dataset import DatasetError
 
+    from .backbones import WeightsError
     from .checkpoint import CheckpointError
     from .train import TrainConfig
     from .train import train as run_training
@@ -59,7 +65,7 @@ def train(datasets, resume, no_pretrained, **options) -> None:
                          **options)
     try:
         best = run_training(config, resume=resume)
-    except (DatasetError, CheckpointError) as exc:
+    except (DatasetError, CheckpointError, WeightsError) as exc:
         raise CliError(str(exc)) from None
     click.echo(f"best checkpoint: {best}")
 

@@ -103,10 +103,11 @@ class CMN(nn.Module):
         num_concepts: int = 512,
         concept_dim: int | None = None,
         pretrained: bool = True,
+        backbone_weights: str | None = None,
     ) -> None:
         super().__init__()
         self.spec = get_spec(backbone)
-        self.backbone = Backbone(self.spec, pretrained=pretrained)
+        self.backbone = Backbone(self.spec, pretrained=pretrained, weights_file=backbone_weights)
         self.head = ConceptHead(self.spec.channels, num_concepts, concept_dim)
 
     @property

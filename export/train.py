@@ -54,6 +54,9 @@ class TrainConfig:
     device: str = "auto"
     final_test: bool = True
     pretrained: bool = True
+    #: a state dict of the backbone network (timm / torchvision names) to start from instead
+    #: of the table's weights: torchvision's ResNet-50 ImageNet weights, or a carried copy
+    backbone_weights: str | None = None
     max_steps_per_epoch: int = 0  # 0 = whole epoch; small values for smoke tests
     command: str = field(default_factory=lambda: " ".join(["cmn-export", *sys.argv[1:]]))
 
@@ -98,7 +101,12 @@ class Trainer:
             everything, config.val_fraction, config.seed
         )
         self.num_classes = len(set(self.train_set.labels))
-        self.model = CMN(config.backbone, config.num_concepts, pretrained=config.pretrained)
+        self.model = CMN(
+            config.backbone,
+            config.num_concepts,
+            pretrained=config.pretrained,
+            backbone_weights=config.backbone_weights,
+        )
         self.model.input_size = config.input_size
         self.model.to(self.device)
         self.preprocess = self.model.spec.preprocess(config.input_size)

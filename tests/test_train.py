@@ -227,3 +227,54 @@ def test_resume_from_a_bad_checkpoint_is_refused(labelled_folder, tmp_path, prob
         torch.save({"format": "cmn-export-checkpoint/1", "model": {}, "config": {}}, path)
     args = train_args(labelled_folder, out=tmp_path / "run", extra=("--resume", str(path)))
     _fails(args, str(path))
+
+
+# --- --backbone-weights: start from a state dict file (torchvision ResNet-50, carried copies)
+
+
+def test_backbone_weights_file_loads_the_same_network_as_the_table(tmp_path):
+    from export.backbones import Backbone, get_spec
+
+    spec = get_spec("tf_efficientnet_lite0")
+    reference = Backbone(spec, pretrained=True)
+    import timm
+
+    net = timm.create_model("tf_efficientnet_lite0", pretrained=False)
+    net.load_state_dict(spec.weights())
+    half = tmp_path / "lite0.fp16.pt"
+    torch.save({k: v.half() if v.is_floating_point() else v for k, v in net.state_dict().items()},
+               half)
+    loaded = Backbone(spec, pretrained=False, weights_file=half)
+    for (name, a), b in zip(reference.state_dict().items(), loaded.state_dict().values()):
+        assert b.dtype == a.dtype, name
+        assert torch.allclose(a, b, rtol=1e-3, atol=1e-4), name  # fp16 rounding only
+
+
+def test_backbone_weights_file_fits_torchvision_resnet50(tmp_path):
+    import torchvision
+
+    from export.backbones import Backbone, get_spec
+
+    source = torchvision.models.resnet50(weights=None)
+    path = tmp_path / "resnet50.pth"
+    torch.save(source.state_dict(), path)
+    loaded = Backbone(get_spec("resnet50"), pretrained=False, weights_file=path)
+    assert torch.equal(loaded.tail[-1][-1].conv3.weight, source.layer4[-1].conv3.weight)
+    assert torch.equal(loaded.trunk[0].weight, source.conv1.weight)
+
+
+@pytest.mark.parametrize("problem", ["missing", "foreign", "wrong-network", "garbage"])
+def test_train_refuses_bad_backbone_weights(labelled_folder, tmp_path, problem):
+    path = tmp_path / "weights.pt"
+    expected = {"missing": "not found", "foreign": "not a state dict of tensors",
+                "wrong-network": "does not fit", "garbage": "not a readable state dict"}[problem]
+    if problem == "foreign":
+        torch.save({"epoch": 3}, path)
+    elif problem == "wrong-network":
+        torch.save(torch.nn.Linear(3, 2).state_dict(), path)
+    elif problem == "garbage":
+        path.write_bytes(b"\x00not a torch file" * 10)
+    extra = ("--backbone-weights", str(path))
+    args = train_args(labelled_folder, out=tmp_path / "run", extra=extra)
+    _fails(args, str(path), expected)
+    assert not (tmp_path / "run" / "best.pt").exists()
