@@ -217,5 +217,6 @@ def fine_tune(
         "model": model.state_dict(),
         "best": source.get("best", {}),
     }
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
     save_atomic(state, out)
     return config["qat"]
