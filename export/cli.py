@@ -305,8 +305,8 @@ def qat_command(checkpoint, datasets, out, epochs, lr, batch_size, workers, devi
     result = fine_tune(checkpoint, [str(d) for d in datasets], out, epochs, lr, batch_size,
                        workers=workers, device=device, seed=seed)
     last = result["history"][-1]
-    click.echo(f"wrote {out}: 1-cos to the original, simulated INT8 {last['int8_gap']:.5f}, "
-               f"float {last['float_gap']:.5f}")
+    click.echo(f"wrote {out}: 1-cos simulated INT8 to float {last['int8_gap']:.5f}, "
+               f"float to the original {last['float_gap']:.5f}")
 
 
 @main.command("pack")

@@ -7,10 +7,10 @@ quantization puts it (per-channel symmetric INT8 weights of every conv and of th
 constant projections; per-tensor UINT8 activations after every conv+BN+activation, every
 block and the head's quantized projections), by distillation from the model as it was:
 
-    loss = (1 - cos(simulated INT8 student, teacher)) + (1 - cos(float student, teacher))
+    loss = (1 - cos(simulated INT8 student, float student)) + (1 - cos(float student, teacher))
 
-The second term keeps the float model (the FP32 file) where it was, so the INT8 file, which
-onnxruntime still calibrates and quantizes as usual afterwards, ends up close to both. No
+The first term is the fidelity the INT8 file is judged by; the second keeps the float model
+(the FP32 file) where it was. onnxruntime still calibrates and quantizes the result as usual. No
 labels are used: any train-split images will do. Written by hand on torch's
 ``fake_quantize_*`` ops (straight-through gradients); torch.ao's FX flow cannot trace timm's
 dynamic SAME padding.
@@ -183,9 +183,12 @@ def fine_tune(
             with torch.no_grad():
                 target = teacher(x)
             sim.enabled = True
-            int8_gap = _cosine_gap(model(x), target)
+            simulated = model(x)
             sim.enabled = False
-            float_gap = _cosine_gap(model(x), target)
+            floating = model(x)
+            # the INT8 file is judged against its own FP32 twin; the teacher anchors the twin
+            int8_gap = _cosine_gap(simulated, floating)
+            float_gap = _cosine_gap(floating, target)
             loss = int8_gap + float_gap
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -196,8 +199,8 @@ def fine_tune(
         record = {"epoch": epoch + 1, **{k: v / len(loader) for k, v in totals.items()}}
         history.append(record)
         tqdm.write(
-            f"qat epoch {epoch + 1}: 1-cos to the original, simulated INT8 "
-            f"{record['int8_gap']:.5f}, float {record['float_gap']:.5f}"
+            f"qat epoch {epoch + 1}: 1-cos simulated INT8 to float {record['int8_gap']:.5f}, "
+            f"float to the original {record['float_gap']:.5f}"
         )
     sim.remove()
     model.cpu()
