@@ -93,6 +93,19 @@ def _read_concept_names(path: Path, count: int) -> tuple[str, ...]:
     return names
 
 
+def qat_command_line(qat: dict) -> str:
+    """The `cmn-export qat` step recorded in a fine-tuned checkpoint, as a command line."""
+    return " ".join(
+        [
+            "cmn-export qat",
+            str(qat["source_checkpoint"]),
+            *map(str, qat["datasets"]),
+            f"--epochs {qat['epochs']} --lr {qat['lr']:g} --batch-size {qat['batch_size']}",
+            f"--seed {qat['seed']}",
+        ]
+    )
+
+
 def export_checkpoint(
     out: Path,
     checkpoint: Path | None = None,
@@ -117,6 +130,8 @@ def export_checkpoint(
         model, config = model_from_checkpoint(checkpoint)
         data = ", ".join(str(d) for d in config.get("datasets", []))
         command = str(config.get("command", ""))
+        if config.get("qat"):
+            command += " && " + qat_command_line(config["qat"])
     else:
         model = model_from_upstream(upstream_checkpoint)
         data = f"unknown (upstream shchen0001/CMN checkpoint {Path(source).name})"

@@ -36,10 +36,15 @@ from .model import CMN
 
 
 class _PerChannelWeights(nn.Module):
-    """Symmetric INT8 per output channel (rows of a Linear, filters of a conv)."""
+    """Symmetric INT8 per output channel (rows of a Linear, filters of a conv), while the
+    simulation is on."""
+
+    def __init__(self, simulation: Simulation) -> None:
+        super().__init__()
+        self.simulation = simulation
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        return fake_quantize_rows(weight)
+        return fake_quantize_rows(weight) if self.simulation.enabled else weight
 
 
 def fake_quantize_rows(weight: torch.Tensor) -> torch.Tensor:
@@ -104,7 +109,7 @@ def simulate_int8(model: CMN) -> Simulation:
     backbone = model.backbone
     for module in backbone.modules():
         if isinstance(module, nn.Conv2d):
-            parametrize.register_parametrization(module, "weight", _PerChannelWeights())
+            parametrize.register_parametrization(module, "weight", _PerChannelWeights(sim))
             sim.parametrized.append(module)
         # conv + BN (+ activation) as one quantized tensor: timm's BatchNormAct2d, or a plain BN
         if isinstance(module, nn.BatchNorm2d):
@@ -113,7 +118,7 @@ def simulate_int8(model: CMN) -> Simulation:
         if type(block).__name__ in ("DepthwiseSeparableConv", "InvertedResidual", "Bottleneck"):
             quantize_output(block)  # after the residual add
     head = model.head
-    parametrize.register_parametrization(head.token_proj, "weight", _PerChannelWeights())
+    parametrize.register_parametrization(head.token_proj, "weight", _PerChannelWeights(sim))
     sim.parametrized.append(head.token_proj)
     for module in (head.token_norm, head.token_proj, head.key_proj, head.query_proj):
         if module in (head.key_proj, head.query_proj):
