@@ -101,7 +101,7 @@ def qat_command_line(qat: dict) -> str:
             str(qat["source_checkpoint"]),
             *map(str, qat["datasets"]),
             f"--epochs {qat['epochs']} --lr {qat['lr']:g} --batch-size {qat['batch_size']}",
-            f"--seed {qat['seed']}",
+            f"--int8-weight {qat.get('int8_weight', 1.0):g} --seed {qat['seed']}",
         ]
     )
 
@@ -310,15 +310,18 @@ def validate_command(model, int8_model, checkpoint, upstream_checkpoint, data, s
 @click.option("--batch-size", default=64, show_default=True)
 @click.option("--workers", default=2, show_default=True)
 @click.option("--device", default="auto", show_default=True)
+@click.option("--int8-weight", default=1.0, show_default=True,
+              help="Weight of the simulated-INT8-to-float term against the anchor term.")
 @click.option("--seed", default=0, show_default=True)
 @_user_errors
-def qat_command(checkpoint, datasets, out, epochs, lr, batch_size, workers, device, seed) -> None:
+def qat_command(checkpoint, datasets, out, epochs, lr, batch_size, workers, device, int8_weight,
+                seed) -> None:
     """Quantization-aware fine-tuning of CHECKPOINT on train images of DATASETS (no labels
     used): the INT8 file quantized from the result stays closer to its FP32 twin."""
     from .qat import fine_tune
 
     result = fine_tune(checkpoint, [str(d) for d in datasets], out, epochs, lr, batch_size,
-                       workers=workers, device=device, seed=seed)
+                       workers=workers, device=device, int8_weight=int8_weight, seed=seed)
     last = result["history"][-1]
     click.echo(f"wrote {out}: 1-cos simulated INT8 to float {last['int8_gap']:.5f}, "
                f"float to the original {last['float_gap']:.5f}")

@@ -146,6 +146,7 @@ def fine_tune(
     lr: float = 1e-5,
     batch_size: int = 64,
     observe_epochs: float = 0.5,
+    int8_weight: float = 1.0,
     workers: int = 2,
     device: str = "auto",
     seed: int = 0,
@@ -194,7 +195,7 @@ def fine_tune(
             # the INT8 file is judged against its own FP32 twin; the teacher anchors the twin
             int8_gap = _cosine_gap(simulated, floating)
             float_gap = _cosine_gap(floating, target)
-            loss = int8_gap + float_gap
+            loss = int8_weight * int8_gap + float_gap
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -216,6 +217,7 @@ def fine_tune(
         "epochs": epochs,
         "lr": lr,
         "batch_size": batch_size,
+        "int8_weight": int8_weight,
         "seed": seed,
         "history": history,
     }
