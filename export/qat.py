@@ -12,8 +12,9 @@ block and the head's quantized projections), by distillation from the model as i
 The first term is the fidelity the INT8 file is judged by; the second keeps the float model
 (the FP32 file) where it was. onnxruntime still calibrates and quantizes the result as usual. No
 labels are used: any train-split images will do. Written by hand on torch's
-``fake_quantize_*`` ops (straight-through gradients); torch.ao's FX flow cannot trace timm's
-dynamic SAME padding.
+``fake_quantize_*`` ops (straight-through gradients), which sit on the eager model as hooks
+and parametrizations; torch.ao's FX flow was not tried (timm's dynamic SAME padding computes
+its pads in Python from the input shape, which symbolic tracing does not follow).
 """
 
 from __future__ import annotations
