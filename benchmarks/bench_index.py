@@ -270,6 +270,12 @@ def main() -> None:
         "--calibrate", action="store_true", help="run ConceptIndex.calibrate before measuring"
     )
     parser.add_argument("--target", type=float, default=0.98)
+    parser.add_argument(
+        "--calibration-queries",
+        type=int,
+        default=300,
+        help="held-out queries --calibrate tunes on (apart from the measured ones)",
+    )
     parser.add_argument("--skip-real", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", help="also write the figures here")
@@ -301,7 +307,7 @@ def main() -> None:
     # the split's last images are the measured queries, the ones before them the calibration
     # queries (when --calibrate): neither is in the gallery
     n_queries = min(args.queries, len(real) // 10)
-    n_cal = min(100, len(real) // 10) if args.calibrate else 0
+    n_cal = min(args.calibration_queries, len(real) // 10) if args.calibrate else 0
     if not args.skip_real:
         results.append(
             run_gallery(
@@ -315,7 +321,7 @@ def main() -> None:
     # the real queries are the split's last images: leave them out of the fitted statistics
     fit, fit_labels = real[:-n_queries], None if labels is None else labels[:-n_queries]
     for kind in kinds if args.synthetic else []:
-        total = args.synthetic + args.queries + 100
+        total = args.synthetic + args.queries + args.calibration_queries
         if kind == "gaussian":
             drawn = synthetic(fit, total, args.seed)
         else:
