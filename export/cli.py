@@ -40,6 +40,12 @@ def main() -> None:
 @click.option("--val-fraction", default=0.1, show_default=True, help="Train classes held out.")
 @click.option("--select-metric", default="MAP@R", show_default=True,
               type=click.Choice(["MAP@R", "R@1"]), help="Validation metric that picks best.pt.")
+@click.option(
+    "--distill-weight",
+    default=0.0,
+    show_default=True,
+    help="Keep each image's similarity order close to the pretrained backbone's (0: off).",
+)
 @click.option("--seed", default=0, show_default=True)
 @click.option("--workers", default=2, show_default=True)
 @click.option("--device", default="auto", show_default=True)

@@ -7,6 +7,7 @@ tunes the last stages and the head on random crops of the cached maps (the CPU p
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import random
@@ -44,6 +45,9 @@ class TrainConfig:
     proxy_lr_mult: float = 100.0
     weight_decay: float = 5e-4
     separation_weight: float = 0.1
+    #: weight of the relational distillation towards the pretrained backbone (0: off); see
+    #: :func:`relational_distillation`
+    distill_weight: float = 0.0
     margin: float = 0.1
     alpha: float = 32.0
     val_fraction: float = 0.1
@@ -59,6 +63,31 @@ class TrainConfig:
     backbone_weights: str | None = None
     max_steps_per_epoch: int = 0  # 0 = whole epoch; small values for smoke tests
     command: str = field(default_factory=lambda: " ".join(["cmn-export", *sys.argv[1:]]))
+
+
+def relational_distillation(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """1 - Pearson correlation between each image's in-batch similarity rows, averaged.
+
+    Metric learning on a few dozen train classes can forget what the pretrained backbone
+    knew about everything else (the bundled model fell 2.2 R@1 below the ImageNet features
+    on unseen Caltech classes). This keeps the *order* of each image's similarities to the
+    rest of the batch close to the pretrained one. Correlation, not squared error: the two
+    spaces have different similarity ranges (all-positive pooled ReLU6 features against
+    concept scores), and only the relative order matters for retrieval. The diagonal
+    (self-similarity) is left out.
+    """
+    n = student.shape[0]
+    if n < 3:
+        return student.new_zeros(())
+    off_diagonal = ~torch.eye(n, dtype=torch.bool, device=student.device)
+
+    def rows(x: torch.Tensor) -> torch.Tensor:
+        x = torch.nn.functional.normalize(x.float(), dim=1)
+        sim = (x @ x.t())[off_diagonal].view(n, n - 1)
+        sim = sim - sim.mean(dim=1, keepdim=True)
+        return torch.nn.functional.normalize(sim, dim=1)
+
+    return 1.0 - (rows(student) * rows(teacher)).sum(dim=1).mean()
 
 
 def pick_device(name: str) -> torch.device:
@@ -138,6 +167,12 @@ class Trainer:
             weight_decay=config.weight_decay,
         )
         self.base_lrs = [g["lr"] for g in self.optimizer.param_groups]
+        # the pretrained network as it was before any tuning (the part being tuned: the
+        # tail in tail mode), frozen, for the distillation term
+        self.teacher = None
+        if config.distill_weight > 0:
+            source = self.model.backbone.tail if config.mode == "tail" else self.model.backbone
+            self.teacher = copy.deepcopy(source).eval().requires_grad_(False)
         self.epoch = 0
         self.best = {"epoch": -1, "val": {}}
         self.history: list[dict] = []
@@ -202,7 +237,7 @@ class Trainer:
         self.model.train()
         self.model.freeze_batchnorm()
         steps = self._steps_per_epoch()
-        totals = {"loss": 0.0, "proxy_anchor": 0.0, "separation": 0.0}
+        totals = {"loss": 0.0, "proxy_anchor": 0.0, "separation": 0.0, "distill": 0.0}
         bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{config.epochs}" + (" (warm-up)" * warm))
         count = 0
         for step, (x, y) in enumerate(self._train_batches()):
@@ -213,6 +248,12 @@ class Trainer:
             metric_loss = self.criterion(embedding, y)
             separation = self.model.head.separation_loss()
             loss = metric_loss + config.separation_weight * separation
+            if self.teacher is not None:
+                with torch.no_grad():
+                    pooled = self.teacher(x).mean(dim=(2, 3))  # the pretrained GAP features
+                distill = relational_distillation(embedding, pooled)
+                loss = loss + config.distill_weight * distill
+                totals["distill"] += distill.item()
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_value_(self.model.parameters(), 10)

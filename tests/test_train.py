@@ -17,7 +17,7 @@ from click.testing import CliRunner  # noqa: E402
 
 from cmn_edge import preprocess as pp  # noqa: E402
 from export.cli import main  # noqa: E402
-from export.train import TrainConfig, Trainer  # noqa: E402
+from export.train import TrainConfig, Trainer, relational_distillation  # noqa: E402
 
 INPUT = 96
 
@@ -71,6 +71,33 @@ def test_a_few_steps_lower_the_loss(labelled_folder, tmp_path, mode):
     assert all(np.isfinite(h["loss"]) for h in report["history"])
     if mode == "tail":  # the early stages are frozen, and their features were cached once
         assert list((tmp_path / "run" / "cache").glob("trunk-*.pt"))
+
+
+def test_relational_distillation_compares_similarity_order_not_scale():
+    g = torch.Generator().manual_seed(0)
+    teacher = torch.rand(12, 40, generator=g)  # all positive, like pooled ReLU6 features
+    same_order = teacher @ torch.linalg.qr(torch.randn(40, 40, generator=g))[0]  # rotated
+    assert float(relational_distillation(teacher, teacher)) == pytest.approx(0, abs=1e-6)
+    assert float(relational_distillation(same_order, teacher)) == pytest.approx(0, abs=1e-5)
+    unrelated = torch.randn(12, 16, generator=g, requires_grad=True)
+    loss = relational_distillation(unrelated, teacher)
+    assert float(loss) > 0.5
+    loss.backward()
+    assert unrelated.grad is not None and float(unrelated.grad.abs().sum()) > 0
+
+
+@pytest.mark.parametrize("mode", ["tail", "full"])
+def test_distillation_term_is_trained_against_a_frozen_copy(labelled_folder, tmp_path, mode):
+    trainer = Trainer(
+        config(labelled_folder, tmp_path / "run", mode=mode, epochs=2, distill_weight=1.0)
+    )
+    teacher = {k: v.clone() for k, v in trainer.teacher.state_dict().items()}
+    trainer.fit()
+    assert all(h["distill"] > 0 for h in trainer.history)
+    assert all(torch.equal(teacher[k], v) for k, v in trainer.teacher.state_dict().items())
+    tuned = trainer.model.backbone.tail if mode == "tail" else trainer.model.backbone
+    assert any(not torch.equal(teacher[k], v) for k, v in tuned.state_dict().items())
+    assert Trainer(config(labelled_folder, tmp_path / "off")).teacher is None
 
 
 def test_tail_mode_leaves_the_trunk_untouched(labelled_folder, tmp_path):
