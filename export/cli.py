@@ -46,6 +46,8 @@ def main() -> None:
     show_default=True,
     help="Keep each image's similarity order close to the pretrained backbone's (0: off).",
 )
+@click.option("--amp", is_flag=True,
+              help="bfloat16 autocast for the backbone (GPU; the head and losses stay float32).")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--workers", default=2, show_default=True)
 @click.option("--device", default="auto", show_default=True)

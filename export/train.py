@@ -48,6 +48,9 @@ class TrainConfig:
     #: weight of the relational distillation towards the pretrained backbone (0: off); see
     #: :func:`relational_distillation`
     distill_weight: float = 0.0
+    #: bfloat16 autocast and channels-last for the backbone (the head and losses stay float32):
+    #: EfficientNet's depthwise convolutions are slow in float32 on a GPU
+    amp: bool = False
     margin: float = 0.1
     alpha: float = 32.0
     val_fraction: float = 0.1
@@ -138,6 +141,8 @@ class Trainer:
         )
         self.model.input_size = config.input_size
         self.model.to(self.device)
+        if config.amp:
+            self.model.backbone.to(memory_format=torch.channels_last)
         self.preprocess = self.model.spec.preprocess(config.input_size)
         self.criterion = ProxyAnchorLoss(
             self.num_classes, config.num_concepts, margin=config.margin, alpha=config.alpha
@@ -214,10 +219,21 @@ class Trainer:
         cap = self.config.max_steps_per_epoch
         return min(steps, cap) if cap else steps
 
+    def _autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.amp)
+
+    def _feature_map(self, network: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """The backbone's feature map, in float32 whatever the autocast."""
+        if self.config.amp:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with self._autocast():
+            return network(x).float()
+
     def _embed(self, x: torch.Tensor) -> torch.Tensor:
-        if self.config.mode == "tail":
-            return self.model.forward_tail(x)
-        return self.model(x)
+        backbone = self.model.backbone
+        features = self._feature_map(backbone.tail if self.config.mode == "tail" else backbone, x)
+        scores, _ = self.model.head(features)
+        return torch.nn.functional.normalize(scores, dim=-1)
 
     # --- training ------------------------------------------------------------------------
     def _set_lr(self, epoch: int, step: int, steps: int) -> None:
@@ -250,7 +266,7 @@ class Trainer:
             loss = metric_loss + config.separation_weight * separation
             if self.teacher is not None:
                 with torch.no_grad():
-                    pooled = self.teacher(x).mean(dim=(2, 3))  # the pretrained GAP features
+                    pooled = self._feature_map(self.teacher, x).mean(dim=(2, 3))  # pretrained GAP
                 distill = relational_distillation(embedding, pooled)
                 loss = loss + config.distill_weight * distill
                 totals["distill"] += distill.item()
