@@ -18,8 +18,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from cmn_edge.metrics import retrieval_metrics
-from export import data as D
-from export.backbones import Backbone, get_spec
+from cmn_export import data as D
+from cmn_export.backbones import Backbone, get_spec
 
 
 def main() -> None:

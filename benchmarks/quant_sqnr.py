@@ -25,8 +25,8 @@ from onnxruntime.quantization.qdq_loss_debug import (
 )
 
 from cmn_edge.registry import resolve_model_path
-from export.calibration import ImageCalibrationReader, pick_images
-from export.onnx_export import read_metadata
+from cmn_export.calibration import ImageCalibrationReader, pick_images
+from cmn_export.onnx_export import read_metadata
 
 
 class Batches(ImageCalibrationReader):

@@ -68,7 +68,7 @@ from cmn_edge.bench import head_share, random_batch  # noqa: E402
 from cmn_edge.dataset import load_samples  # noqa: E402
 from cmn_edge.embedder import list_images  # noqa: E402
 from cmn_edge.metadata import INPUT_NAME, OUTPUT_EMBEDDING, ModelMetadata  # noqa: E402
-from export.calibration import ImageCalibrationReader  # noqa: E402
+from cmn_export.calibration import ImageCalibrationReader  # noqa: E402
 
 TYPES = {"U8": QuantType.QUInt8, "S8": QuantType.QInt8}
 HEAD_MATMULS = ("/token_proj/MatMul", "/MatMul", "/MatMul_1")

@@ -15,12 +15,12 @@ ort = pytest.importorskip("onnxruntime")
 from click.testing import CliRunner  # noqa: E402
 
 from cmn_edge import preprocess as pp  # noqa: E402
-from export.backbones import Backbone, get_spec  # noqa: E402
-from export.checkpoint import CHECKPOINT_FORMAT  # noqa: E402
-from export.cli import main  # noqa: E402
-from export.model import CMN, ExportableCMN  # noqa: E402
-from export.onnx_export import build_metadata, export_onnx, read_metadata  # noqa: E402
-from export.train import TrainConfig  # noqa: E402
+from cmn_export.backbones import Backbone, get_spec  # noqa: E402
+from cmn_export.checkpoint import CHECKPOINT_FORMAT  # noqa: E402
+from cmn_export.cli import main  # noqa: E402
+from cmn_export.model import CMN, ExportableCMN  # noqa: E402
+from cmn_export.onnx_export import build_metadata, export_onnx, read_metadata  # noqa: E402
+from cmn_export.train import TrainConfig  # noqa: E402
 
 SMALL_INPUT = 96  # 3x3 regions: enough for every property, a fraction of the cost of 224
 IMAGENET_CATS = set(range(281, 286))  # tabby, tiger cat, Persian, Siamese, Egyptian cat
@@ -71,7 +71,7 @@ def test_exportable_model_computes_what_the_training_model_computes(small_model)
 def test_lite0_imagenet_weights_load_strictly_and_see_a_cat(photos):
     import timm
 
-    from export.backbones import load_lite0_imagenet
+    from cmn_export.backbones import load_lite0_imagenet
 
     state = load_lite0_imagenet()
     reference = timm.create_model("tf_efficientnet_lite0", pretrained=False)

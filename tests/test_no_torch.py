@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-FORBIDDEN = ("torch", "timm", "torchvision", "onnx", "export")
+FORBIDDEN = ("torch", "timm", "torchvision", "onnx", "cmn_export", "export")
 
 SCRIPT = textwrap.dedent(
     """

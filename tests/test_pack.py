@@ -11,7 +11,7 @@ from PIL import Image
 pytest.importorskip("torch")
 
 from cmn_edge.dataset import load_samples  # noqa: E402
-from export.cli import main  # noqa: E402
+from cmn_export.cli import main  # noqa: E402
 
 
 def _size(folder: Path) -> int:

@@ -29,7 +29,7 @@ def _portrait(path: Path, tmp_path: Path) -> Path:
 @pytest.mark.parametrize("input_size", [224, 192, 299])
 def test_matches_training_eval_transform(photos, tmp_path, embedder, input_size):
     """The numpy transform must give what the training side's torchvision transform gives."""
-    from export.data import eval_transform
+    from cmn_export.data import eval_transform
 
     pre = (
         embedder.preprocess

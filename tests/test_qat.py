@@ -10,9 +10,9 @@ torch = pytest.importorskip("torch")
 import torch.nn.functional as F  # noqa: E402
 from click.testing import CliRunner  # noqa: E402
 
-from export.cli import main  # noqa: E402
-from export.model import CMN  # noqa: E402
-from export.qat import fake_quantize_rows, simulate_int8  # noqa: E402
+from cmn_export.cli import main  # noqa: E402
+from cmn_export.model import CMN  # noqa: E402
+from cmn_export.qat import fake_quantize_rows, simulate_int8  # noqa: E402
 
 
 def test_per_row_weight_rounding_is_symmetric_int8():
@@ -50,8 +50,8 @@ def test_qat_command_writes_a_checkpoint_that_exports(labelled_folder, tmp_path)
     model.input_size = 96
     from dataclasses import asdict
 
-    from export.checkpoint import CHECKPOINT_FORMAT
-    from export.train import TrainConfig
+    from cmn_export.checkpoint import CHECKPOINT_FORMAT
+    from cmn_export.train import TrainConfig
 
     config = TrainConfig(datasets=[str(labelled_folder)], num_concepts=16, input_size=96)
     torch.save(
@@ -68,7 +68,7 @@ def test_qat_command_writes_a_checkpoint_that_exports(labelled_folder, tmp_path)
     onnx_path = tmp_path / "qat.fp32.onnx"
     exported = CliRunner().invoke(main, ["onnx", "--checkpoint", str(out), "--out", str(onnx_path)])
     assert exported.exit_code == 0, exported.output
-    from export.onnx_export import read_metadata
+    from cmn_export.onnx_export import read_metadata
 
     assert "cmn-export qat" in read_metadata(onnx_path).training_command
 

@@ -22,12 +22,12 @@ ort = pytest.importorskip("onnxruntime")
 from click.testing import CliRunner  # noqa: E402
 
 from cmn_edge import preprocess as pp  # noqa: E402
-from export.checkpoint import CHECKPOINT_FORMAT  # noqa: E402
-from export.cli import main  # noqa: E402
-from export.model import CMN  # noqa: E402
-from export.onnx_export import read_metadata  # noqa: E402
-from export.quantize import QuantizeOptions, embedding_cosines, quantize  # noqa: E402
-from export.train import TrainConfig  # noqa: E402
+from cmn_export.checkpoint import CHECKPOINT_FORMAT  # noqa: E402
+from cmn_export.cli import main  # noqa: E402
+from cmn_export.model import CMN  # noqa: E402
+from cmn_export.onnx_export import read_metadata  # noqa: E402
+from cmn_export.quantize import QuantizeOptions, embedding_cosines, quantize  # noqa: E402
+from cmn_export.train import TrainConfig  # noqa: E402
 
 #: A correct INT8 model of a CMN with 512 concepts keeps every photo's embedding this close to
 #: FP32 (measured: mean ~0.97, worst ~0.94 with an untrained head; ~0.99 once trained), while
@@ -239,9 +239,9 @@ def test_run_time_padding_arithmetic_is_never_quantized(bundle, tmp_path):
     the 7x7 attention map into 6x6. The quantizer must leave shape arithmetic alone."""
     import warnings
 
-    from export.model import ExportableCMN
-    from export.onnx_export import build_metadata, write_metadata
-    from export.quantize import float_plan
+    from cmn_export.model import ExportableCMN
+    from cmn_export.onnx_export import build_metadata, write_metadata
+    from cmn_export.quantize import float_plan
 
     torch.manual_seed(0)
     model = CMN("tf_efficientnet_lite0", num_concepts=16, pretrained=False).eval()
@@ -346,7 +346,7 @@ def test_quantize_refuses_an_empty_calibration_set(bundle, tmp_path):
 
 
 def test_validate_refuses_an_int8_model_of_another_network(bundle, tmp_path, labelled_folder):
-    from export.onnx_export import build_metadata, export_onnx
+    from cmn_export.onnx_export import build_metadata, export_onnx
 
     other = CMN("tf_efficientnet_lite0", num_concepts=8, pretrained=False).eval()
     other.input_size = 224
@@ -360,7 +360,7 @@ def test_validate_refuses_an_int8_model_of_another_network(bundle, tmp_path, lab
 
 
 def test_calibration_images_are_a_seeded_sample_across_datasets(bundle, labelled_folder):
-    from export.calibration import pick_images
+    from cmn_export.calibration import pick_images
 
     both = [bundle["calib"], labelled_folder]
     picked = pick_images(both, "train", count=20, seed=0)

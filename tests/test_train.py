@@ -16,8 +16,8 @@ torch = pytest.importorskip("torch")
 from click.testing import CliRunner  # noqa: E402
 
 from cmn_edge import preprocess as pp  # noqa: E402
-from export.cli import main  # noqa: E402
-from export.train import TrainConfig, Trainer, relational_distillation  # noqa: E402
+from cmn_export.cli import main  # noqa: E402
+from cmn_export.train import TrainConfig, Trainer, relational_distillation  # noqa: E402
 
 INPUT = 96
 
@@ -181,7 +181,7 @@ def test_train_command_then_export(labelled_folder, tmp_path):
         main, ["onnx", "--checkpoint", str(out / "best.pt"), "--out", str(model)]
     )
     assert exported.exit_code == 0, exported.output
-    from export.onnx_export import read_metadata
+    from cmn_export.onnx_export import read_metadata
 
     meta = read_metadata(model)
     assert meta.training_data == str(labelled_folder)
@@ -263,7 +263,7 @@ def test_resume_from_a_bad_checkpoint_is_refused(labelled_folder, tmp_path, prob
 
 
 def test_backbone_weights_file_loads_the_same_network_as_the_table(tmp_path):
-    from export.backbones import Backbone, get_spec
+    from cmn_export.backbones import Backbone, get_spec
 
     spec = get_spec("tf_efficientnet_lite0")
     reference = Backbone(spec, pretrained=True)
@@ -283,7 +283,7 @@ def test_backbone_weights_file_loads_the_same_network_as_the_table(tmp_path):
 def test_backbone_weights_file_fits_torchvision_resnet50(tmp_path):
     import torchvision
 
-    from export.backbones import Backbone, get_spec
+    from cmn_export.backbones import Backbone, get_spec
 
     source = torchvision.models.resnet50(weights=None)
     path = tmp_path / "resnet50.pth"

@@ -12,9 +12,9 @@ ort = pytest.importorskip("onnxruntime")
 
 from click.testing import CliRunner  # noqa: E402
 
-from export.checkpoint import UPSTREAM_HEAD_NAMES  # noqa: E402
-from export.cli import main  # noqa: E402
-from export.model import CMN  # noqa: E402
+from cmn_export.checkpoint import UPSTREAM_HEAD_NAMES  # noqa: E402
+from cmn_export.cli import main  # noqa: E402
+from cmn_export.model import CMN  # noqa: E402
 
 NUM_CONCEPTS = 16  # upstream uses 512; the layout is what matters here
 
@@ -71,7 +71,7 @@ def exported(upstream, tmp_path_factory) -> Path:
 
 def test_upstream_checkpoint_converts_and_matches_pytorch(upstream, exported, photos):
     from cmn_edge import preprocess as pp
-    from export.onnx_export import read_metadata
+    from cmn_export.onnx_export import read_metadata
 
     model, path, _ = upstream
     meta = read_metadata(exported)
@@ -79,7 +79,7 @@ def test_upstream_checkpoint_converts_and_matches_pytorch(upstream, exported, ph
     assert meta.preprocess.mean == pytest.approx((123.675, 116.28, 103.53))
     assert meta.attention_grid == (7, 7)
     assert "upstream" in meta.training_data and "ckpt.pth" in meta.training_data
-    from export.checkpoint import file_sha256
+    from cmn_export.checkpoint import file_sha256
 
     assert meta.source_checkpoint_sha256 == file_sha256(path)
     batch = np.stack([pp.load(photos[n], meta.preprocess) for n in ("cat", "rocket", "coffee")])
@@ -95,7 +95,7 @@ def test_upstream_checkpoint_converts_and_matches_pytorch(upstream, exported, ph
 
 
 def test_wrapped_and_dataparallel_upstream_state_converts_the_same(upstream, tmp_path):
-    from export.checkpoint import model_from_upstream
+    from cmn_export.checkpoint import model_from_upstream
 
     model, _, state = upstream
     wrapped = {"state_dict": {f"module.{k}": v for k, v in state.items()}, "epoch": 3}

@@ -1,0 +1,113 @@
+"""Writing files so that a crash, a kill or a full disk never leaves half of one, and hashing them.
+
+The one place for both: the runtime's commands, the index and the training side all use it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import stat
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any
+
+
+def _umask() -> int:
+    """The process umask (there is no way to read it without setting it)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def fsync_dir(path: str | os.PathLike) -> None:
+    """Make a rename durable; platforms that cannot open a directory (Windows) skip it."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def is_special_file(path: str | os.PathLike) -> bool:
+    """A device or FIFO (``/dev/null``, a pipe): renaming over it would replace it."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return False
+    return not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))
+
+
+@contextlib.contextmanager
+def atomic_write(
+    path: str | os.PathLike, mode: str = "wb", *, durable: bool = True, **open_kwargs: Any
+) -> Iterator[IO]:
+    """Yield a handle to a temporary file beside ``path``; on success it replaces ``path``.
+
+    On any error (a full disk included) the temporary file is removed and ``path`` keeps
+    its old content. The new file gets the mode a plain ``open`` would give (0666 less the
+    umask), not ``mkstemp``'s 0600. A device or FIFO target is written through instead.
+    """
+    target = Path(path)
+    if "w" not in mode:
+        raise ValueError(f"atomic_write needs a write mode, not '{mode}'")
+    if is_special_file(target):
+        with open(target, mode, **open_kwargs) as handle:
+            yield handle
+        return
+    folder = target.parent if str(target.parent) else Path(".")
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{target}: folder {folder} does not exist")
+    fd, temp = tempfile.mkstemp(dir=folder, prefix=f".{target.name}.", suffix=".tmp")
+    try:
+        os.chmod(temp, 0o666 & ~_umask())
+        with os.fdopen(fd, mode, **open_kwargs) as handle:
+            yield handle
+            handle.flush()
+            if durable:
+                os.fsync(handle.fileno())
+        os.replace(temp, target)
+        if durable:
+            fsync_dir(folder)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temp)
+        raise
+
+
+def write_bytes_atomic(path: str | os.PathLike, data: bytes, durable: bool = True) -> Path:
+    with atomic_write(path, "wb", durable=durable) as handle:
+        handle.write(data)
+    return Path(path)
+
+
+def write_text_atomic(path: str | os.PathLike, text: str, durable: bool = True) -> Path:
+    with atomic_write(path, "w", durable=durable, encoding="utf-8", newline="") as handle:
+        handle.write(text)
+    return Path(path)
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+__all__ = [
+    "atomic_write",
+    "file_sha256",
+    "fsync_dir",
+    "is_special_file",
+    "write_bytes_atomic",
+    "write_text_atomic",
+]
