@@ -337,7 +337,8 @@ def qat_command(checkpoint, datasets, out, epochs, lr, batch_size, workers, devi
 
 @main.command("pack")
 @click.argument("dataset", type=click.Path(path_type=Path))
-@click.option("--out", required=True, type=click.Path(path_type=Path), help="Folder to write.")
+@click.option("--out", required=True, type=click.Path(path_type=Path),
+              help="A new folder, or an earlier pack (replaced); anything else is refused.")
 @click.option("--split", default="train", show_default=True)
 @click.option("--format", "image_format", type=click.Choice(["webp", "jpeg"]), default="webp",
               show_default=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -41,3 +42,61 @@ def test_pack_of_a_missing_dataset_fails_in_one_line_and_writes_nothing(tmp_path
     assert result.exit_code != 0
     assert "nowhere" in result.output and "not found" in result.output
     assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def _pack(dataset: Path, out: Path):
+    return CliRunner().invoke(main, ["pack", str(dataset), "--out", str(out), "--split", "all",
+                                     "--max-side", "64"])
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+@pytest.mark.parametrize("where", ["dataset", "parent", "grandparent"])
+def test_pack_never_replaces_the_dataset_or_a_folder_holding_it(labelled_folder, tmp_path, where):
+    dataset = tmp_path / "a" / "b" / "gallery"
+    dataset.parent.mkdir(parents=True)
+    shutil.move(labelled_folder, dataset)
+    out = {"dataset": dataset, "parent": dataset.parent, "grandparent": tmp_path / "a"}[where]
+    before = _files(dataset)
+    result = _pack(dataset, out)
+    assert result.exit_code == 1
+    assert result.output.startswith("error: ") and len(result.output.strip().splitlines()) == 1
+    assert str(out) in result.output
+    assert _files(dataset) == before
+
+
+def test_pack_refuses_a_folder_that_is_not_an_earlier_pack(labelled_folder, tmp_path):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    result = _pack(labelled_folder, out)
+    assert result.exit_code == 1
+    assert result.output.startswith(f"error: {out}: ") and "not an earlier pack" in result.output
+    assert (out / "notes.txt").read_text() == "keep me" and len(list(out.iterdir())) == 1
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_pack_refuses_a_file(labelled_folder, tmp_path):
+    out = tmp_path / "file.txt"
+    out.write_text("keep me")
+    result = _pack(labelled_folder, out)
+    assert result.exit_code == 1 and str(out) in result.output
+    assert out.read_text() == "keep me"
+
+
+def test_pack_replaces_an_earlier_pack_but_not_the_pack_it_reads(labelled_folder, tmp_path):
+    out = tmp_path / "packed"
+    assert _pack(labelled_folder, out).exit_code == 0
+    stale = out / "images" / "stale.webp"
+    stale.write_bytes(b"old")
+    result = _pack(labelled_folder, out)
+    assert result.exit_code == 0, result.output
+    assert not stale.exists()
+    assert len(load_samples(out, "all")) == len(load_samples(labelled_folder))
+    # An earlier pack is a dataset too: packing it onto itself would delete what it reads.
+    before = _files(out)
+    result = _pack(out, out)
+    assert result.exit_code == 1 and str(out) in result.output
+    assert _files(out) == before
