@@ -27,9 +27,9 @@ import onnxruntime as ort
 from . import preprocess as pp
 from .embedder import Embedder, session_options
 from .metadata import INPUT_NAME, OUTPUT_EMBEDDING, Preprocess
+from .registry import example_photo
 
 #: The small JPEG every checkout has; the 12 MP one is made from it once per run.
-DEFAULT_PHOTO = Path(__file__).resolve().parent.parent / "examples" / "photos" / "cat.jpg"
 LARGE_SIZE = (4000, 3000)
 BACKBONE_PREFIX = "/backbone/"
 
@@ -233,7 +233,7 @@ def run_bench(
 ) -> dict:
     """Every figure of ``cmn-edge bench`` as one JSON-ready dict."""
     say = progress or (lambda message: None)
-    photo = Path(photo) if photo is not None else DEFAULT_PHOTO
+    photo = Path(photo) if photo is not None else example_photo()
     if not photo.is_file():
         raise FileNotFoundError(f"{photo}: photo not found")
     result: dict = {

@@ -65,7 +65,7 @@ def _batches(_ctx: click.Context, _param: click.Parameter, value: str) -> list[i
     "--photo",
     type=click.Path(dir_okay=False, path_type=Path),
     default=None,
-    help="Small JPEG to time (default examples/photos/cat.jpg); the 12 MP one is made from it.",
+    help="Small JPEG to time (default: the bundled cat photo); the 12 MP one is made from it.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON.")
 @user_errors

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 
 PRECISIONS = ("int8", "fp32")
@@ -36,17 +36,46 @@ BUNDLED: tuple[BundledModel, ...] = (
 DEFAULT_MODEL = BUNDLED[0].name
 
 
+#: Where the checkout keeps the bundled files; a wheel ships them as package data of
+#: cmn_edge (pyproject maps ``models/`` to ``cmn_edge/_models`` and ``examples/photos/`` to
+#: ``cmn_edge/_photos``), so one copy serves both.
+_CHECKOUT = Path(__file__).resolve().parent.parent
+_PACKAGED_MODELS, _CHECKOUT_MODELS = "_models", _CHECKOUT / "models"
+_PACKAGED_PHOTOS, _CHECKOUT_PHOTOS = "_photos", _CHECKOUT / "examples" / "photos"
+EXAMPLE_PHOTO = "cat.jpg"
+
+
+def _package_data(folder: str) -> Path | None:
+    """A data folder installed inside the cmn_edge package, found wherever pip put it.
+
+    ``importlib.resources`` and not a prefix such as ``sys.prefix/share``: ``pip install
+    --user`` and system pips put data files elsewhere, package data always moves with the
+    package. None in a checkout (an editable install), where the files are not copied.
+    """
+    path = Path(str(resources.files(__package__ or "cmn_edge").joinpath(folder)))
+    return path if path.is_dir() else None
+
+
 def models_dir() -> Path:
-    """``$CMN_EDGE_MODELS``, the checkout's ``models/``, or the installed data folder."""
+    """``$CMN_EDGE_MODELS``, the installed package's models, or the checkout's ``models/``."""
     candidates = []
     if os.environ.get("CMN_EDGE_MODELS"):
         candidates.append(Path(os.environ["CMN_EDGE_MODELS"]))
-    candidates.append(Path(__file__).resolve().parent.parent / "models")
-    candidates.append(Path(sys.prefix) / "share" / "cmn-edge" / "models")
+    packaged = _package_data(_PACKAGED_MODELS)
+    if packaged is not None:
+        candidates.append(packaged)
+    candidates.append(_CHECKOUT_MODELS)
     for candidate in candidates:
         if (candidate / BUNDLED[0].file_for("int8")).is_file():
             return candidate
     return candidates[0]
+
+
+def example_photo() -> Path:
+    """The bundled example photo (a cat, CC0), e.g. what ``cmn-edge bench`` times by default."""
+    packaged = _package_data(_PACKAGED_PHOTOS)
+    folder = packaged if packaged is not None else _CHECKOUT_PHOTOS
+    return folder / EXAMPLE_PHOTO
 
 
 def get_bundled(name: str) -> BundledModel:
