@@ -8,7 +8,6 @@ import io
 import json
 import os
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,6 +19,7 @@ from . import preprocess as pp
 from .cli_common import CliError, model_options, user_errors
 from .dataset import check_retrieval_ready, load_samples
 from .embedder import Embedder, list_images
+from .files import atomic_write
 from .metrics import retrieval_metrics
 from .registry import BUNDLED, DEFAULT_MODEL, bundled_metrics, models_dir
 
@@ -65,8 +65,10 @@ def _expand_inputs(photos: tuple[str, ...]) -> list[Path]:
 def _atomic_output(target: Path | None, binary: bool) -> Iterator[io.IOBase]:
     """Write into a temporary file beside ``target`` and rename it over only on success.
 
-    A crash, an interrupt or an error half-way leaves any earlier file untouched and no
-    partial file behind. Without a target the stream is stdout.
+    A crash, an interrupt or an error half-way (a full disk too) leaves any earlier file
+    untouched and no partial file behind; the new file gets the mode the umask gives, and a
+    device or FIFO target is written through (see :func:`cmn_edge.files.atomic_write`).
+    Without a target the stream is stdout.
     """
     if target is None:
         if binary:
@@ -78,30 +80,9 @@ def _atomic_output(target: Path | None, binary: bool) -> Iterator[io.IOBase]:
             yield sys.stdout
             sys.stdout.flush()
         return
-    if target.exists() and not target.is_file() and not target.is_dir():
-        # A device or FIFO (/dev/null, a pipe): renaming over it would replace it with a file.
-        with open(target, "wb" if binary else "w", **({} if binary else {"newline": ""})) as out:
-            yield out
-        return
-    directory = target.parent if str(target.parent) else Path(".")
-    handle = tempfile.NamedTemporaryFile(
-        mode="wb" if binary else "w",
-        dir=directory,
-        prefix=f".{target.name}.",
-        suffix=".tmp",
-        delete=False,
-        **({} if binary else {"encoding": "utf-8", "newline": ""}),
-    )
-    try:
-        with handle:
-            yield handle
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(handle.name, target)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(handle.name)
-        raise
+    text = {} if binary else {"encoding": "utf-8", "newline": ""}
+    with atomic_write(target, "wb" if binary else "w", **text) as out:
+        yield out
 
 
 def _check_output_target(output: Path | None) -> None:

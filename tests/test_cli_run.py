@@ -144,6 +144,23 @@ def test_embed_failure_keeps_the_previous_output(photos, tmp_path):
     assert list(tmp_path.iterdir()) == [out]
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002], ids=oct)
+@pytest.mark.parametrize("fmt", ["json", "npy"])
+def test_embed_output_mode_follows_the_umask(photos, tmp_path, umask, fmt):
+    """A new --output file is 0666 less the umask, like any file a shell redirect writes."""
+    import os
+    import stat
+
+    out = tmp_path / f"out.{fmt}"
+    old = os.umask(umask)
+    try:
+        result = run("embed", photos["cat"], "-o", out)
+    finally:
+        os.umask(old)
+    assert result.exit_code == 0, result.output
+    assert stat.S_IMODE(out.stat().st_mode) == 0o666 & ~umask
+
+
 def test_embed_bad_input_reasons(tmp_path):
     expected = {
         "empty.jpg": "empty",
