@@ -51,6 +51,44 @@ def share_of(contribution: float, score: float) -> float | None:
     return float(contribution) / float(score)
 
 
+def top_concepts(
+    query: np.ndarray,
+    item: np.ndarray,
+    weights: np.ndarray | None,
+    renormalize: bool,
+    names: Mapping[int, str],
+    n: int,
+) -> list[dict]:
+    """The ``n`` concepts that add most to one search hit's score, as the search scored it.
+
+    ``weights`` is the query-side concept weight vector of the search's plan (None: plain
+    cosine); with ``renormalize`` the score is the cosine over the weighted concepts, so both
+    sides are re-normalised under the weights first. Contributions sum to the score.
+    """
+    g = np.asarray(item, dtype=np.float64)
+    qv = np.asarray(query, dtype=np.float64)
+    if weights is not None:
+        w = np.asarray(weights, dtype=np.float64)
+        qv = qv * w
+        if renormalize:
+            qv = qv / np.linalg.norm(qv)
+            g = g * w
+            norm = np.linalg.norm(g)
+            g = g / norm if norm > 0 else g
+    terms = concept_contributions(qv, g)
+    score = float(terms.sum())
+    order = np.argsort(-terms, kind="stable")[:n]
+    return [
+        {
+            "index": int(i),
+            "name": names.get(int(i)),
+            "contribution": float(terms[i]),
+            "share": float(terms[i] / score) if score > 0 else None,
+        }
+        for i in order
+    ]
+
+
 class ConceptTerm(NamedTuple):
     """One concept's part in a match."""
 
@@ -222,8 +260,12 @@ def explain(
     negatives = [int(i) for i in order[::-1][:k] if contributions[i] < 0]
     sides = [
         Side(
-            source=_describe(source), size=sizes[j], image=crops[j], crop_box=boxes[j],
-            embedding=emb[j], attention=att[j],
+            source=_describe(source),
+            size=sizes[j],
+            image=crops[j],
+            crop_box=boxes[j],
+            embedding=emb[j],
+            attention=att[j],
         )
         for j, source in enumerate((a, b))
     ]
@@ -277,6 +319,8 @@ def _crop_box(size: tuple[int, int], pre: pp.Preprocess) -> tuple[float, float, 
     top = int(round((new_h - pre.input_size) / 2.0))
     sx, sy = width / new_w, height / new_h
     return (
-        round(left * sx, 2), round(top * sy, 2),
-        round((left + pre.input_size) * sx, 2), round((top + pre.input_size) * sy, 2),
+        round(left * sx, 2),
+        round(top * sy, 2),
+        round((left + pre.input_size) * sx, 2),
+        round((top + pre.input_size) * sy, 2),
     )

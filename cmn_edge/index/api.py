@@ -1,0 +1,256 @@
+"""``Index``: what an application uses (the kiosk, the camera watcher, the CLI).
+
+    from cmn_edge import Index
+
+    index = Index.create("photos.idx", embedder=Embedder())   # or Index.open("photos.idx")
+    index.sync("photos/")                                     # embed new/changed, drop vanished
+    index.add(vectors, paths=["a.jpg"], metadata=[{"label": "cat"}])
+    hits = index.search("query.jpg", k=5, exclude=["background"], where={"label": "cat"})
+    index.remove(["a.jpg"])
+
+Every change is committed when the call returns; any number of processes may search the
+same index while one adds to it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from .core import ConceptIndex, Hit
+from .errors import ConceptIndexError
+from .plan import ConceptRef
+from .sync import SyncReport, sync_folder
+
+
+def embedder_for_index(
+    index: ConceptIndex,
+    model: str | None = None,
+    precision: str | None = None,
+    threads: int | None = None,
+):
+    """The embedder for ``index``: the model it was built with unless ``model`` names another
+    (None: the index's), at the index's precision unless ``precision`` is given; any model
+    other than the index's is refused (its concept axes mean something else).
+
+    The one place that finds an index's model: the CLI, ``explain``, the kiosk and the camera
+    watcher all call it.
+    """
+    from ..embedder import Embedder
+
+    embedder = Embedder(
+        model if model is not None else index.model_ref,
+        precision=precision or index.precision or "int8",
+        threads=threads,
+    )
+    index.check_model(embedder.model_id)
+    return embedder
+
+
+def model_ref(model: str | None) -> str | None:
+    """What an index remembers of ``--model`` so later commands default to the same model:
+    a bundled name as is, a file by its absolute path."""
+    from ..registry import get_bundled
+
+    if model is None:
+        return None
+    try:
+        get_bundled(str(model))
+        return str(model)
+    except ValueError:
+        return str(Path(model).resolve())
+
+
+class Index:
+    """An on-disk concept index and the model that fills it.
+
+    Queries and additions may be images (paths, PIL images) or embeddings; images need the
+    embedder, which defaults to the index's own model (loaded on first use).
+    """
+
+    def __init__(self, index: ConceptIndex, embedder=None, threads: int | None = None) -> None:
+        self.index = index
+        self._embedder = embedder
+        self._threads = threads
+        if embedder is not None:
+            index.check_model(embedder.model_id)
+
+    # ------------------------------------------------------------------ opening
+    @classmethod
+    def open(cls, path: str | os.PathLike, embedder=None, *, threads: int | None = None) -> Index:
+        """Attach to an existing index; cheap (the search view loads on the first search)."""
+        return cls(ConceptIndex.open(path), embedder, threads)
+
+    @classmethod
+    def create(
+        cls,
+        path: str | os.PathLike,
+        embedder=None,
+        *,
+        model: str | None = None,
+        precision: str = "int8",
+        threads: int | None = None,
+        **params,
+    ) -> Index:
+        """A new index in a new or empty directory, bound to ``embedder``'s model (or to
+        ``model``/``precision``, loaded now). ``params``: see :class:`ConceptIndex`."""
+        if embedder is None:
+            from ..embedder import Embedder
+
+            embedder = Embedder(model, precision=precision, threads=threads)
+        ref = model_ref(model) if model is not None else getattr(embedder, "model_ref", None)
+        index = ConceptIndex.for_embedder(embedder, model_ref=ref, precision=precision, **params)
+        index.save(path)
+        return cls(index, embedder, threads)
+
+    @property
+    def embedder(self):
+        if self._embedder is None:
+            self._embedder = embedder_for_index(self.index, threads=self._threads)
+        return self._embedder
+
+    @property
+    def path(self) -> Path:
+        return self.index.path
+
+    def close(self) -> None:
+        self.index.close()
+
+    def __enter__(self) -> Index:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __contains__(self, item_id: object) -> bool:
+        return item_id in self.index
+
+    # ------------------------------------------------------------------ paths
+    def _stored_path(self, path: str | os.PathLike) -> str:
+        """Relative to the indexed root when under it (a moved folder still matches)."""
+        resolved = Path(path).resolve()
+        root = self.index.root
+        if root is not None:
+            try:
+                return resolved.relative_to(root).as_posix()
+            except ValueError:
+                pass
+        return str(resolved)
+
+    def full_path(self, stored: str | None) -> str | None:
+        """A stored path as a file path (relative ones joined to the indexed root)."""
+        if stored is None or os.path.isabs(stored):
+            return stored
+        root = self.index.root
+        return str(root / stored) if root is not None else stored
+
+    def id_for_path(self, path: str | os.PathLike) -> int | None:
+        found = self.index.id_for_path(self._stored_path(path))
+        return found if found is not None else self.index.id_for_path(str(Path(path).resolve()))
+
+    # ------------------------------------------------------------------ changes
+    def _embed(self, items) -> np.ndarray:
+        array = np.asarray(items) if not isinstance(items, (str, os.PathLike)) else None
+        if array is not None and array.dtype.kind == "f":
+            return array
+        return self.embedder.embed(items)
+
+    def add(
+        self,
+        vectors_or_images,
+        paths: Sequence[str | os.PathLike | None] | None = None,
+        metadata: Sequence[Mapping[str, object] | None] | None = None,
+    ) -> list[int]:
+        """Add embeddings ([N, C] floats) or images (paths, embedded here); committed when
+        this returns. A path already indexed updates that item. Image paths are the paths
+        stored unless ``paths`` says otherwise."""
+        vectors = self._embed(vectors_or_images)
+        if paths is None and not isinstance(vectors_or_images, np.ndarray):
+            given = vectors_or_images
+            if isinstance(given, (str, os.PathLike)):
+                given = [given]
+            if all(isinstance(p, (str, os.PathLike)) for p in given):
+                paths = list(given)
+        stored = (
+            None if paths is None else [None if p is None else self._stored_path(p) for p in paths]
+        )
+        return self.index.add(vectors, stored, metadata)
+
+    def remove(self, items: Iterable[int | str | os.PathLike]) -> int:
+        """Remove items given by id or by path (a deleted file's path still works)."""
+        ids = []
+        for item in items:
+            if isinstance(item, (int, np.integer)):
+                ids.append(int(item))
+                continue
+            found = self.id_for_path(item)
+            if found is None:
+                raise ConceptIndexError(f"{item}: not in the index {self.index.path}")
+            ids.append(found)
+        self.index.remove(ids)
+        return len(set(ids))
+
+    def sync(self, folder: str | os.PathLike, **kwargs) -> SyncReport:
+        """Embed new files under ``folder``, re-embed changed ones, remove vanished ones."""
+        return sync_folder(self.index, self.embedder, folder, **kwargs)
+
+    def name_concept(self, concept: ConceptRef, name: str | None) -> None:
+        self.index.set_concept_name(concept, name)
+
+    def optimize(self) -> dict:
+        return self.index.optimize()
+
+    def verify(self) -> list[str]:
+        return self.index.verify()
+
+    # ------------------------------------------------------------------ search
+    def search(
+        self,
+        query,
+        k: int = 10,
+        *,
+        exclude: Iterable[ConceptRef] = (),
+        only: Iterable[ConceptRef] | None = None,
+        weights: Mapping[ConceptRef, float] | None = None,
+        where: Mapping[str, object] | None = None,
+        renormalize: bool = False,
+        exact: bool = False,
+        exclude_ids: Iterable[int] = (),
+        explain: int = 0,
+    ) -> list[Hit]:
+        """The k best items for an embedding ([C] floats) or an image (path or PIL image).
+
+        Fewer come back when the gallery or ``where`` holds fewer. Hit paths are file paths.
+        """
+        if isinstance(query, np.ndarray) and query.dtype.kind == "f":
+            vector = query
+        else:
+            vector = self.embedder.embed([query])[0]
+        hits = self.index.search(
+            vector,
+            k,
+            exclude=exclude,
+            only=only,
+            weights=weights,
+            where=where,
+            renormalize=renormalize,
+            exact=exact,
+            exclude_ids=exclude_ids,
+            explain=explain,
+        )
+        return [_with_path(h, self.full_path(h.path)) for h in hits]
+
+
+def _with_path(hit: Hit, path: str | None) -> Hit:
+    if path == hit.path:
+        return hit
+    return Hit(hit.rank, hit.id, hit.score, path, hit.metadata, hit.top_concepts)
+
+
+__all__ = ["Index", "SyncReport", "embedder_for_index", "model_ref"]

@@ -1,0 +1,146 @@
+"""Calibration: the search depth ``ef`` and the mask depth exponent, tuned to a recall target.
+
+Run at ``index build``, by ``index optimize``, and again by a checkpoint whenever the gallery
+has grown by :data:`RETUNE_GROWTH` since the last tuning (a graph that doubled needs a
+deeper walk for the same recall). A checkpoint tunes on the items that arrived since the
+last one, before they enter the graph: queries the graph has never seen, which is what a
+user's query is.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+
+#: Re-tune ef and the mask exponent when the gallery has grown by this factor.
+RETUNE_GROWTH = 2.0
+#: Re-fit the --graph-dims projection (a full graph rebuild) at this growth factor.
+REFIT_GROWTH = 4.0
+
+
+class CalibrateMixin:
+    """Needs ``search_ids``, ``ids``, ``embedding``, ``_vectors`` and the search parameters."""
+
+    def recall(self, queries: np.ndarray, k: int = 10, **controls) -> float:
+        """Mean recall@k of the graph search against brute force, under ``controls``."""
+        queries = self._vectors(queries)
+        hits = 0
+        total = 0
+        for q in queries:
+            approx, _ = self.search_ids(q, k, **controls)
+            exact, _ = self.search_ids(q, k, exact=True, **controls)
+            hits += len(set(approx.tolist()) & set(exact.tolist()))
+            total += len(exact)
+        return hits / max(total, 1)
+
+    def calibrate(
+        self,
+        target: float = 0.98,
+        k: int = 10,
+        queries: np.ndarray | None = None,
+        sample: int = 100,
+        seed: int = 0,
+        mask_fractions: Sequence[float] = (0.1, 0.5),
+        exclude_own: Sequence[int] | None = None,
+    ) -> dict:
+        """Raise ef (plain) and the mask depth exponent until recall@k reaches ``target``
+        with a margin of two standard errors of the sample's mean recall.
+
+        Give ``queries`` that are NOT in the graph (e.g. images held back from the build):
+        a gallery item used as its own query (left out of the results) still sits in the
+        graph as a stepping stone right next to the answer, which flatters recall. Without
+        ``queries`` that is what is used. ``exclude_own``: the item id each query is (left
+        out of its own results), for queries taken from the index's tail. Masks drop a
+        random fraction of the concepts, scored both as masked inner product and
+        renormalised. Galleries small enough for brute force need none of this.
+        """
+        rng = np.random.default_rng(seed)
+        ids = np.asarray(self.ids)
+        if len(ids) <= max(self.exact_below, k + 1):
+            return {
+                "ef": self.ef,
+                "mask_ef_power": self.mask_ef_power,
+                "recall": 1.0,
+                "masked_recall": {},
+                "queries": 0,
+            }
+        if queries is not None:
+            queries = self._vectors(queries)
+            own = (
+                [set() for _ in queries] if exclude_own is None else [{int(i)} for i in exclude_own]
+            )
+        else:
+            chosen = rng.choice(ids, size=min(sample, len(ids)), replace=False)
+            queries = np.stack([self.embedding(int(i)) for i in chosen])
+            own = [{int(i)} for i in chosen]
+
+        def measure(controls: list[dict], truth: list[set]) -> tuple[float, float]:
+            """Mean recall, less two standard errors of it (from the per-query spread:
+            the k results of one query are not independent draws)."""
+            per_query = np.array(
+                [
+                    len(truth[j] & set(self.search_ids(q, k, exclude_ids=own[j], **c)[0].tolist()))
+                    / max(len(truth[j]), 1)
+                    for j, (q, c) in enumerate(zip(queries, controls))
+                ]
+            )
+            spread = float(per_query.std(ddof=1)) if len(per_query) > 1 else 0.0
+            mean = float(per_query.mean())
+            return mean, mean - 2.0 * spread / math.sqrt(len(per_query))
+
+        def exact(controls: list[dict]) -> list[set]:  # does not depend on ef: compute once
+            return [
+                set(self.search_ids(q, k, exact=True, exclude_ids=own[j], **c)[0].tolist())
+                for j, (q, c) in enumerate(zip(queries, controls))
+            ]
+
+        plain_controls = [{} for _ in queries]
+        truth = exact(plain_controls)
+        plain, plain_low = measure(plain_controls, truth)
+        while plain_low < target and self.ef < self.max_ef:
+            self.ef = min(self.max_ef, math.ceil(self.ef * 1.25))
+            plain, plain_low = measure(plain_controls, truth)
+        mask_sets = []
+        for fraction in mask_fractions:
+            n_drop = max(1, round(fraction * self.num_concepts))
+            drops = [rng.choice(self.num_concepts, n_drop, replace=False) for _ in queries]
+            for renormalize in (False, True):
+                name = f"{fraction}{' renormalized' if renormalize else ''}"
+                controls = [{"exclude": d, "renormalize": renormalize} for d in drops]
+                mask_sets.append((name, controls, exact(controls)))
+
+        def masked_at(power: float) -> tuple[dict, bool]:
+            self.mask_ef_power = power
+            found = {name: measure(c, t) for name, c, t in mask_sets}
+            return found, all(low >= target for _, low in found.values())
+
+        # the exponent rises in whole steps to the first that meets the target for every
+        # mask, then comes back down in quarter steps while it still does: deeper than
+        # needed costs time on every masked query
+        power, (masked, ok) = 0.0, masked_at(0.0)
+        while not ok and power < 8:
+            power += 1.0
+            masked, ok = masked_at(power)
+        if ok:
+            for lower in (power - 0.25, power - 0.5, power - 0.75):
+                if lower < 0:
+                    break
+                found, still = masked_at(lower)
+                if not still:
+                    break
+                power, masked = lower, found
+        self.mask_ef_power = power
+        self._tuned(len(ids))
+        return {
+            "ef": self.ef,
+            "mask_ef_power": self.mask_ef_power,
+            "recall": plain,
+            "masked_recall": {name: mean for name, (mean, _) in masked.items()},
+            "queries": len(queries),
+            "target": target,
+        }
+
+
+__all__ = ["REFIT_GROWTH", "RETUNE_GROWTH", "CalibrateMixin"]

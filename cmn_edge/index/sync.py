@@ -1,0 +1,120 @@
+"""Keep an index in step with a folder: embed new files, re-embed changed ones (size and
+mtime, then sha256), remove vanished ones. Paths are stored relative to the folder, so a
+moved folder still matches, and each batch is its own commit, so an interrupted run resumes
+where it stopped (the files it committed match their stamps and are skipped)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..embedder import list_images
+from ..files import file_sha256
+from ..preprocess import ImageError
+
+
+@dataclass
+class SyncReport:
+    added: int = 0
+    updated: int = 0
+    removed: int = 0
+    unchanged: int = 0
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
+
+    def summary(self) -> str:
+        return (
+            f"added {self.added}, updated {self.updated}, removed {self.removed}, "
+            f"unchanged {self.unchanged}, skipped {len(self.skipped)}"
+        )
+
+
+def sync_folder(
+    index,
+    embedder,
+    folder: str | os.PathLike,
+    *,
+    strict: bool = False,
+    remove_missing: bool = True,
+    batch_size: int = 32,
+    metadata: dict[str, dict[str, str]] | None = None,
+    progress: Callable[[int], None] | None = None,
+    plan: Callable[[int], None] | None = None,
+) -> SyncReport:
+    """Bring ``index`` (a :class:`ConceptIndex`) in step with ``folder``.
+
+    ``metadata``: absolute resolved path -> {key: value}. ``plan(n)`` is told how many
+    files will be embedded, ``progress(k)`` after every k of them. An unreadable file is
+    skipped and listed in the report (``strict``: the first one raises ImageError).
+    """
+    root = Path(folder).resolve()
+    report = SyncReport()
+    files = list_images(root)
+    stored = {p: v for p, v in index.file_stamps().items() if not os.path.isabs(p)}
+    todo: list[tuple[Path, str, tuple[int, int, str | None]]] = []
+    present: set[str] = set()
+    for file in files:
+        rel = file.relative_to(root).as_posix()
+        present.add(rel)
+        try:
+            st = file.stat()
+        except OSError as exc:
+            if strict:
+                raise ImageError(f"{file}: cannot read ({exc.strerror or exc})") from None
+            report.skipped.append((str(file), exc.strerror or str(exc)))
+            continue
+        known = stored.get(rel)
+        if known is not None and (known[1], known[2]) == (st.st_size, st.st_mtime_ns):
+            report.unchanged += 1
+            continue
+        try:
+            digest = file_sha256(file)
+        except OSError as exc:
+            if strict:
+                raise ImageError(f"{file}: cannot read ({exc.strerror or exc})") from None
+            report.skipped.append((str(file), exc.strerror or str(exc)))
+            continue
+        if known is not None and known[3] == digest:
+            # touched, not changed: remember the new stamp, keep the embedding
+            index._restamp(known[0], (st.st_size, st.st_mtime_ns, digest))
+            report.unchanged += 1
+            continue
+        todo.append((file, rel, (st.st_size, st.st_mtime_ns, digest)))
+    if plan is not None:
+        plan(len(todo))
+    for start in range(0, len(todo), batch_size):
+        batch = todo[start : start + batch_size]
+        kept, arrays = [], []
+        for file, rel, stamp in batch:
+            try:
+                arrays.append(embedder.load(file))
+                kept.append((file, rel, stamp))
+            except ImageError as exc:
+                if strict:
+                    raise
+                report.skipped.append((str(file), str(exc).removeprefix(f"{file}: ")))
+        if arrays:
+            vectors = embedder.embed_arrays(np.stack(arrays)).embedding
+            rels = [rel for _, rel, _ in kept]
+            before = index.ids_for_paths(rels)
+            meta = None
+            if metadata is not None:
+                meta = [metadata.get(str(file.resolve())) for file, _, _ in kept]
+            index.add(vectors, rels, meta, stamps=[stamp for _, _, stamp in kept])
+            report.updated += len(before)
+            report.added += len(kept) - len(before)
+        if progress is not None:
+            progress(len(batch))
+    if remove_missing:
+        gone = [item_id for rel, (item_id, *_rest) in stored.items() if rel not in present]
+        if gone:
+            index.remove(gone)
+            report.removed = len(gone)
+    index.set_root(root)
+    return report
+
+
+__all__ = ["SyncReport", "sync_folder"]
