@@ -7,7 +7,6 @@ from pathlib import Path
 
 import click
 import numpy as np
-from click.core import ParameterSource
 
 from .cli_common import CliError, model_options, user_errors
 
@@ -21,17 +20,11 @@ def _embedder(model: str | None, precision: str, threads: int | None, index=None
     from .embedder import Embedder
 
     if index is not None:
-        ctx = click.get_current_context()
-        if model is None and index.model_ref:
-            model = index.model_ref
-        if ctx.get_parameter_source("precision") in (
-            ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP,
-        ) and index.precision:
-            precision = index.precision
-    embedder = Embedder(model, precision=precision, threads=threads)
-    if index is not None:
-        index.check_model(embedder.model_id)
-    return embedder
+        from .cli_index import chosen_model
+        from .index import embedder_for_index
+
+        return embedder_for_index(index, *chosen_model(model, precision), threads)
+    return Embedder(model, precision=precision, threads=threads)
 
 
 def _load_index(index_dir: Path):
@@ -59,20 +52,47 @@ def _print_terms(title: str, terms) -> None:
 @click.command()
 @click.argument("image_a", type=click.Path(path_type=Path))
 @click.argument("image_b", type=click.Path(path_type=Path))
-@click.option("--top", type=click.IntRange(min=1), default=10, show_default=True,
-              help="How many concepts to show.")
+@click.option(
+    "--top",
+    type=click.IntRange(min=1),
+    default=10,
+    show_default=True,
+    help="How many concepts to show.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document instead of text.")
-@click.option("--heatmap", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Write a PNG: both images, the top concepts' attention, peak-to-peak lines.")
-@click.option("--scale", type=click.IntRange(min=1, max=8), default=2, show_default=True,
-              help="Heatmap panels are the model's input crop enlarged this many times.")
-@click.option("--index", "index_dir", type=click.Path(path_type=Path), default=None,
-              help="A concept index whose saved concept names to show.")
+@click.option(
+    "--heatmap",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Write a PNG: both images, the top concepts' attention, peak-to-peak lines.",
+)
+@click.option(
+    "--scale",
+    type=click.IntRange(min=1, max=8),
+    default=2,
+    show_default=True,
+    help="Heatmap panels are the model's input crop enlarged this many times.",
+)
+@click.option(
+    "--index",
+    "index_dir",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="A concept index whose saved concept names to show.",
+)
 @model_options
 @user_errors
 def explain(
-    image_a: Path, image_b: Path, top: int, as_json: bool, heatmap: Path | None, scale: int,
-    index_dir: Path | None, model: str | None, precision: str, threads: int | None,
+    image_a: Path,
+    image_b: Path,
+    top: int,
+    as_json: bool,
+    heatmap: Path | None,
+    scale: int,
+    index_dir: Path | None,
+    model: str | None,
+    precision: str,
+    threads: int | None,
 ) -> None:
     """Why IMAGE_A and IMAGE_B are similar: each concept's term of their similarity.
 
@@ -105,23 +125,49 @@ def explain(
 
 
 @click.group(invoke_without_command=True)
-@click.option("--index", "index_dir", type=click.Path(path_type=Path), default=None,
-              help="The concept index whose gallery shows the concepts.")
-@click.option("--out", type=click.Path(path_type=Path), default=Path("concepts.html"),
-              show_default=True,
-              help="A .html file (images inline) or a folder (index.html + images/, better "
-              "for many concepts).")
-@click.option("--per-concept", type=click.IntRange(min=1, max=100), default=6, show_default=True,
-              help="Images per concept.")
-@click.option("--concepts", "spec", default=None, metavar="N|LIST",
-              help="The first N concepts, or ids like 3,17,100-110 (one id: 17,). Default: all.")
+@click.option(
+    "--index",
+    "index_dir",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="The concept index whose gallery shows the concepts.",
+)
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path),
+    default=Path("concepts.html"),
+    show_default=True,
+    help="A .html file (images inline) or a folder (index.html + images/, better "
+    "for many concepts).",
+)
+@click.option(
+    "--per-concept",
+    type=click.IntRange(min=1, max=100),
+    default=6,
+    show_default=True,
+    help="Images per concept.",
+)
+@click.option(
+    "--concepts",
+    "spec",
+    default=None,
+    metavar="N|LIST",
+    help="The first N concepts, or ids like 3,17,100-110 (one id: 17,). Default: all.",
+)
 @click.option("--unnamed", is_flag=True, help="Only concepts without a name yet.")
 @model_options
 @click.pass_context
 @user_errors
 def concepts(
-    ctx: click.Context, index_dir: Path | None, out: Path, per_concept: int, spec: str | None,
-    unnamed: bool, model: str | None, precision: str, threads: int | None,
+    ctx: click.Context,
+    index_dir: Path | None,
+    out: Path,
+    per_concept: int,
+    spec: str | None,
+    unnamed: bool,
+    model: str | None,
+    precision: str,
+    threads: int | None,
 ) -> None:
     """A catalogue of concepts: each one's strongest gallery images and where it looks.
 
@@ -151,7 +197,14 @@ def concepts(
     paths = _LazyPaths(index, ids)
     name_list = [names.get(c) for c in range(index.num_concepts)]
     result = catalogue.build(
-        embedder, ids, paths, embeddings, chosen, per_concept, name_list, source=str(index_dir),
+        embedder,
+        ids,
+        paths,
+        embeddings,
+        chosen,
+        per_concept,
+        name_list,
+        source=str(index_dir),
     )
     written = catalogue.write(result, out)
     tiles = sum(len(card.tiles) for card in result.cards)
@@ -170,7 +223,7 @@ class _LazyPaths:
         return len(self.ids)
 
     def __getitem__(self, row: int) -> str:
-        path, _meta = self.index.item(self.ids[row])
+        path = self.index.full_path(self.index.item(self.ids[row])[0])
         return path if path is not None else f"item {self.ids[row]} (no path)"
 
 

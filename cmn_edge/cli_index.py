@@ -1,8 +1,9 @@
 """``cmn-edge index ...`` and ``cmn-edge search``: build, maintain and query a concept index.
 
-Every command that changes an index loads it, changes it in memory and saves a complete new
-version at the very end, so a command that fails (bad image, unknown id, wrong model) leaves
-the index on disk exactly as it was.
+Every command that changes an index commits its change to the index's database when it
+succeeds, and only that change: an add writes the new rows, not the index. A command that
+fails (bad image, unknown id, wrong model) commits nothing. ``build`` and ``sync`` commit
+batch by batch, so an interrupted one resumes where it stopped when run again.
 
 ``cmn-edge search --json`` prints one object of this shape (a stable interface)::
 
@@ -28,8 +29,8 @@ the index on disk exactly as it was.
 or with ``--renormalize`` the cosine over the kept concepts. A concept's ``contribution`` is
 its term of that score (they sum to it) and ``share`` is contribution / score.
 
-``k`` larger than the searchable gallery is an error (exit 1), not a silent short list;
-a ``--where`` filter may match fewer than k items, and then fewer are listed (with a warning).
+``k`` larger than the searchable gallery lists all there is, with a note on stderr; a
+``--where`` filter may match fewer than k items, and then fewer are listed (with a note).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -45,8 +47,7 @@ import numpy as np
 
 from .cli_common import CliError, model_options, user_errors
 from .embedder import Embedder, list_images
-from .index import ConceptIndex, ConceptIndexError, is_index_dir
-from .registry import get_bundled
+from .index import ConceptIndex, ConceptIndexError, Index, embedder_for_index, is_index_dir
 
 INDEX_OPTION = click.option(
     "--index",
@@ -58,33 +59,32 @@ INDEX_OPTION = click.option(
 
 
 # ---------------------------------------------------------------------- helpers
-def _model_ref(model: str | None) -> str | None:
-    """What the manifest remembers so later commands default to the same model."""
-    if model is None:
-        return None
-    try:
-        get_bundled(str(model))
-        return str(model)
-    except ValueError:
-        return str(Path(model).resolve())
+def chosen_model(model: str | None, precision: str | None) -> tuple[str | None, str | None]:
+    """(model, precision) as the user gave them: None where a default was left in place,
+    so :func:`embedder_for_index` picks the index's own."""
+    ctx = click.get_current_context()
+    given = (click.core.ParameterSource.DEFAULT, click.core.ParameterSource.DEFAULT_MAP)
+    if ctx.get_parameter_source("model") in given:
+        model = None
+    if ctx.get_parameter_source("precision") in given:
+        precision = None
+    return model, precision
 
 
 def _embedder_for(
     index: ConceptIndex, model: str | None, precision: str, threads: int | None
 ) -> Embedder:
     """The index's own model unless the user named one; refuse any other model."""
-    ctx = click.get_current_context()
-    if ctx.get_parameter_source("model") == click.core.ParameterSource.DEFAULT:
-        model = index.model_ref
-    if ctx.get_parameter_source("precision") == click.core.ParameterSource.DEFAULT:
-        precision = index.precision or precision
-    embedder = Embedder(model, precision=precision, threads=threads)
-    index.check_model(embedder.model_id)
-    return embedder
+    model, precision = chosen_model(model, precision)
+    return embedder_for_index(index, model, precision, threads)
 
 
 def _warn(message: str) -> None:
     click.echo(f"warning: {message}", err=True)
+
+
+def _note(message: str) -> None:
+    click.echo(f"note: {message}", err=True)
 
 
 def _read_metadata_csv(csv_path: Path) -> dict[str, dict[str, str]]:
@@ -120,19 +120,24 @@ def _read_metadata_csv(csv_path: Path) -> dict[str, dict[str, str]]:
     return out
 
 
+def _progress_bar(label: str):
+    return click.progressbar(
+        length=0,
+        label=label,
+        file=sys.stderr,
+        show_pos=True,
+        hidden=not sys.stderr.isatty(),  # no stray label line in logs and pipes
+    )
+
+
 def _embed_paths(
     embedder: Embedder, paths: list[Path], batch_size: int, skip_errors: bool
 ) -> tuple[list[Path], list]:
     errors: list[tuple[Path, str]] = []
     kept: list[Path] = []
     chunks = []
-    with click.progressbar(
-        length=len(paths),
-        label="Embedding",
-        file=sys.stderr,
-        show_pos=True,
-        hidden=not sys.stderr.isatty(),  # no stray label line in logs and pipes
-    ) as bar:
+    with _progress_bar("Embedding") as bar:
+        bar.length = len(paths)
         for chunk_start in range(0, len(paths), batch_size):
             chunk = paths[chunk_start : chunk_start + batch_size]
             for batch_paths, emb in embedder.iter_paths(chunk, batch_size, skip_errors, errors):
@@ -160,10 +165,11 @@ def _expand(paths: tuple[str, ...]) -> list[Path]:
     return list(seen.values())
 
 
-def _parse_pairs(values: tuple[str, ...], option: str) -> list[tuple[str, str]]:
+def parse_pairs(values: tuple[str, ...], option: str) -> list[tuple[str, str]]:
+    """KEY=VALUE, split on the first '=' (keys and concept names never hold one; values may)."""
     pairs = []
     for value in values:
-        key, sep, rest = value.rpartition("=")
+        key, sep, rest = value.partition("=")
         if not sep or not key.strip() or not rest.strip():
             raise CliError(f"{option} {value!r}: expected KEY=VALUE")
         pairs.append((key.strip(), rest.strip()))
@@ -172,6 +178,26 @@ def _parse_pairs(values: tuple[str, ...], option: str) -> list[tuple[str, str]]:
 
 def _split_concepts(values: tuple[str, ...]) -> list[str]:
     return [part.strip() for value in values for part in value.split(",") if part.strip()]
+
+
+def _run_sync(index: Index, folder: Path, batch_size: int, strict: bool, metadata) -> object:
+    """sync with a progress bar on stderr; unreadable files listed after it."""
+    with _progress_bar("Embedding") as bar:
+
+        def plan(n: int) -> None:
+            bar.length = n
+
+        report = index.sync(
+            folder,
+            strict=strict,
+            batch_size=batch_size,
+            metadata=metadata,
+            progress=bar.update,
+            plan=plan,
+        )
+    for path, reason in report.skipped:
+        _warn(f"skipped {path}: {reason}")
+    return report
 
 
 # ---------------------------------------------------------------------- index group
@@ -192,7 +218,10 @@ def index() -> None:
     help="CSV with a 'path' column (relative to the CSV) and any metadata columns.",
 )
 @click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True)
-@click.option("--skip-errors", is_flag=True, help="Leave unreadable images out (with a warning).")
+@click.option("--strict", is_flag=True, help="Stop at the first unreadable image.")
+@click.option(
+    "--skip-errors", is_flag=True, hidden=True, help="Kept for old scripts: now the default."
+)
 @click.option(
     "--M", "M", type=click.IntRange(2), default=32, show_default=True, help="HNSW links per node."
 )
@@ -231,6 +260,7 @@ def build(
     threads,
     metadata_csv,
     batch_size,
+    strict,
     skip_errors,
     M,
     ef_construction,
@@ -240,55 +270,111 @@ def build(
     no_calibrate,
     force,
 ) -> None:
-    """Embed every image below FOLDER into a new index."""
+    """Embed every image below FOLDER into a new index.
+
+    Unreadable images are skipped and listed (--strict: stop at the first). An interrupted
+    build resumes where it stopped when run again with the same FOLDER and --index.
+    """
     if index_dir.exists() and not index_dir.is_dir():
         raise CliError(f"{index_dir}: exists and is not a directory")
-    if is_index_dir(index_dir) and not force:
-        raise CliError(f"{index_dir}: already holds an index (use --force to replace it)")
-    if index_dir.is_dir() and not is_index_dir(index_dir) and any(index_dir.iterdir()):
-        raise CliError(f"{index_dir}: directory is not empty and holds no index")
     paths = list_images(folder)
     if not paths:
         raise CliError(f"{folder}: no images found")
-    metadata = _read_metadata_csv(metadata_csv) if metadata_csv else {}
-    embedder = Embedder(model, precision=precision, threads=threads)
-    kept, chunks = _embed_paths(embedder, paths, batch_size, skip_errors)
-    if not kept:
-        raise CliError(f"{folder}: no readable images (all {len(paths)} were skipped)")
-    idx = ConceptIndex.for_embedder(
-        embedder,
-        model_ref=_model_ref(model),
-        precision=precision,
-        M=M,
-        ef_construction=ef_construction,
-        ef=ef,
-        exact_below=exact_below,
-        capacity=len(kept),
-        graph_dims=graph_dims or None,
-    )
-    resolved = [str(p.resolve()) for p in kept]
-    vectors = np.concatenate(chunks)
-    meta = [metadata.get(p) for p in resolved]
-    n_held = min(200, len(kept) // 5)
-    if no_calibrate or not n_held or len(kept) - n_held <= idx.exact_below:
-        idx.add(vectors, resolved, meta)
+    metadata = _read_metadata_csv(metadata_csv) if metadata_csv else None
+    resume = None
+    if is_index_dir(index_dir) and not force:
+        existing = ConceptIndex.open(index_dir)
+        building = existing._store.get_info("building")
+        if building is None or building != str(folder.resolve()):
+            existing.close()
+            raise CliError(f"{index_dir}: already holds an index (use --force to replace it)")
+        resume = Index(existing, threads=threads)
+        click.echo(
+            f"resuming the interrupted build of {folder} ({len(existing)} indexed)", err=True
+        )
+    elif index_dir.is_dir() and not is_index_dir(index_dir) and any(index_dir.iterdir()):
+        raise CliError(f"{index_dir}: directory is not empty and holds no index")
+    created = not index_dir.exists()
+    if resume is None:
+        embedder = Embedder(model, precision=precision, threads=threads)
+        if force and is_index_dir(index_dir):
+            shutil.rmtree(index_dir)
+        idx = Index.create(
+            index_dir,
+            embedder,
+            model=model,
+            precision=precision,
+            M=M,
+            ef_construction=ef_construction,
+            ef=ef,
+            exact_below=exact_below,
+            graph_dims=graph_dims or None,
+        )
+        with idx.index._store.write():
+            idx.index._store.set_info("building", str(folder.resolve()))
     else:
-        # hold some images back from the graph, use them as queries it has never seen to
-        # tune the search depth, then add them: calibration on in-graph items flatters recall
-        held = np.random.default_rng(0).choice(len(kept), size=n_held, replace=False)
-        rest = np.setdiff1d(np.arange(len(kept)), held)
-        idx.add(vectors[rest], [resolved[i] for i in rest], [meta[i] for i in rest])
-        result = idx.calibrate(queries=vectors[held])
-        idx.add(vectors[held], [resolved[i] for i in held], [meta[i] for i in held])
-        if result["queries"]:
-            click.echo(
-                f"calibrated search depth ef={result['ef']}, mask exponent "
-                f"{result['mask_ef_power']:g} (recall@10 {result['recall']:.3f} on "
-                f"{result['queries']} held-back images)",
-                err=True,
-            )
-    idx.save(index_dir, overwrite=force)
-    click.echo(f"indexed {len(idx)} images into {index_dir} ({embedder.model_id})")
+        idx = resume
+    idx.index.auto_checkpoint = False  # one checkpoint at the end, not one per batch
+    try:
+        report = _run_sync(idx, folder, batch_size, strict, metadata)
+    except BaseException as exc:
+        if created and resume is None and not isinstance(exc, (KeyboardInterrupt, OSError)):
+            idx.close()
+            shutil.rmtree(index_dir, ignore_errors=True)  # refused (--strict): leave nothing
+        raise
+    if not len(idx):
+        idx.close()
+        if created:
+            shutil.rmtree(index_dir, ignore_errors=True)
+        raise CliError(f"{folder}: no readable images (all {len(paths)} were skipped)")
+    result = idx.index.checkpoint(retune=not no_calibrate, compact=True)
+    with idx.index._store.write():
+        idx.index._store.conn.execute("DELETE FROM info WHERE key = 'building'")
+    calibration = result.get("calibration")
+    if calibration and calibration["queries"]:
+        click.echo(
+            f"calibrated search depth ef={calibration['ef']}, mask exponent "
+            f"{calibration['mask_ef_power']:g} (recall@10 {calibration['recall']:.3f} on "
+            f"{calibration['queries']} held-back images)",
+            err=True,
+        )
+    if report.skipped:
+        _warn(f"{len(report.skipped)} unreadable image(s) left out (listed above)")
+    click.echo(f"indexed {len(idx)} images into {index_dir} ({idx.index.model_id})")
+
+
+@index.command("sync")
+@click.argument("folder", type=click.Path(path_type=Path))
+@INDEX_OPTION
+@model_options
+@click.option(
+    "--metadata",
+    "metadata_csv",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="CSV with a 'path' column (relative to the CSV) and any metadata columns.",
+)
+@click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True)
+@click.option("--strict", is_flag=True, help="Stop at the first unreadable image.")
+@user_errors
+def sync(
+    folder: Path, index_dir: Path, model, precision, threads, metadata_csv, batch_size, strict
+):
+    """Bring the index in step with FOLDER: embed new images, re-embed changed ones (size and
+    mtime, then content hash), remove vanished ones. Paths are stored relative to FOLDER, so
+    a moved folder still matches. Creates the index when --index holds none."""
+    if not Path(folder).is_dir():
+        raise FileNotFoundError(f"{folder}: folder not found")
+    metadata = _read_metadata_csv(metadata_csv) if metadata_csv else None
+    if is_index_dir(index_dir):
+        idx = Index.open(index_dir)
+        idx._embedder = _embedder_for(idx.index, model, precision, threads)
+    else:
+        if index_dir.is_dir() and any(index_dir.iterdir()):
+            raise CliError(f"{index_dir}: directory is not empty and holds no index")
+        idx = Index.create(index_dir, model=model, precision=precision, threads=threads)
+    report = _run_sync(idx, folder, batch_size, strict, metadata)
+    click.echo(f"{report.summary()}; {len(idx)} items in {index_dir}")
 
 
 @index.command("add")
@@ -309,8 +395,8 @@ def add(
     paths, index_dir: Path, model, precision, threads, metadata_csv, batch_size, skip_errors
 ) -> None:
     """Add images (files or folders); an image already indexed is re-embedded in place."""
-    idx = ConceptIndex.load(index_dir)
-    embedder = _embedder_for(idx, model, precision, threads)
+    idx = Index.open(index_dir)  # reads no graph: an add writes only its own rows
+    embedder = _embedder_for(idx.index, model, precision, threads)
     files = _expand(paths)
     if not files:
         raise CliError(f"{paths[0]}: no images found")
@@ -319,11 +405,10 @@ def add(
     if not kept:
         raise CliError(f"{paths[0]}: no readable images")
     resolved = [str(p.resolve()) for p in kept]
-    before = set(idx.ids)
-    ids = idx.add(np.concatenate(chunks), resolved, [metadata.get(p) for p in resolved])
-    idx.save()
-    updated = sum(1 for i in ids if i in before)
-    click.echo(f"added {len(ids) - updated}, updated {updated}; {len(idx)} items in {index_dir}")
+    before = len(idx)
+    idx.add(np.concatenate(chunks), resolved, [metadata.get(p) for p in resolved])
+    added = len(idx) - before
+    click.echo(f"added {added}, updated {len(kept) - added}; {len(idx)} items in {index_dir}")
 
 
 @index.command("remove")
@@ -332,11 +417,11 @@ def add(
 @user_errors
 def remove(items, index_dir: Path) -> None:
     """Remove items given by id (17 or id:17) or by image path."""
-    idx = ConceptIndex.load(index_dir)
+    idx = Index.open(index_dir)
     ids = []
     for token in items:
         # by path first, even when the file is gone: removing deleted images is the usual case
-        item_id = idx.id_for_path(str(Path(token).resolve()))
+        item_id = idx.id_for_path(token)
         if item_id is None:
             raw = token[3:] if token.startswith("id:") else token
             if raw.strip().isdigit() and int(raw) in idx:
@@ -345,7 +430,6 @@ def remove(items, index_dir: Path) -> None:
             raise CliError(f"{token}: not in the index {index_dir}")
         ids.append(item_id)
     idx.remove(ids)
-    idx.save()
     click.echo(f"removed {len(set(ids))}; {len(idx)} items in {index_dir}")
 
 
@@ -358,12 +442,13 @@ def info(index_dir: Path, as_json: bool) -> None:
     idx = ConceptIndex.load(index_dir)
     manifest = idx.manifest()
     manifest["path"] = str(index_dir)
+    manifest["root"] = None if idx.root is None else str(idx.root)
     manifest["concept_names"] = {str(i): n for i, n in sorted(idx.concept_names.items())}
     manifest["metadata_keys"] = idx.metadata_keys()
     if as_json:
         click.echo(json.dumps(manifest, indent=1))
         return
-    counts, hnsw = manifest["counts"], manifest["hnsw"]
+    counts, hnsw, ckpt = manifest["counts"], manifest["hnsw"], manifest["checkpoint"]
     click.echo(f"index:     {index_dir}")
     click.echo(f"model:     {manifest['model']['id']} ({manifest['model']['precision']})")
     click.echo(f"items:     {counts['items']} ({counts['deleted_slots']} free graph slots)")
@@ -374,9 +459,51 @@ def info(index_dir: Path, as_json: bool) -> None:
         f"ef={hnsw['ef']} capacity={hnsw['max_elements']} "
         f"graph={f'{graph} principal directions' if graph else 'all concepts'}"
     )
+    click.echo(
+        f"storage:   checkpoint {ckpt['gen']}, {counts['tail']} item(s) changed since "
+        f"(searched exactly); tuned at {ckpt['tuned_at']} items"
+    )
+    if manifest["root"]:
+        click.echo(f"root:      {manifest['root']}")
     click.echo(f"metadata:  {', '.join(manifest['metadata_keys']) or '(none)'}")
     for i, name in manifest["concept_names"].items():
         click.echo(f"  concept {i}: {name}")
+
+
+@index.command("optimize")
+@INDEX_OPTION
+@click.option(
+    "--rebuild-graph",
+    is_flag=True,
+    help="Build the graph anew from the database (after a damaged or tampered graph file).",
+)
+@user_errors
+def optimize(index_dir: Path, rebuild_graph: bool) -> None:
+    """Checkpoint the graph, compact the vector file, re-tune the search depth (and the
+    --graph-dims directions) for the gallery as it is now."""
+    idx = ConceptIndex.open(index_dir)
+    done = idx.optimize(rebuild_graph=rebuild_graph)
+    calibration = done.get("calibration") or {}
+    tuned = (
+        f"; ef={calibration['ef']}, mask exponent {calibration['mask_ef_power']:g}"
+        if calibration.get("queries")
+        else ""
+    )
+    click.echo(f"optimized {index_dir}: checkpoint {done['checkpoint']}, {len(idx)} items{tuned}")
+
+
+@index.command("verify")
+@INDEX_OPTION
+@user_errors
+def verify(index_dir: Path) -> None:
+    """Check everything: the database's integrity, the graph's checksum, every stored vector
+    (reads the whole index; opening one checks only what it parses)."""
+    problems = ConceptIndex.open(index_dir).verify()
+    for problem in problems:
+        click.echo(f"problem: {problem}", err=True)
+    if problems:
+        raise CliError(f"{index_dir}: {len(problems)} problem(s) found (listed above)")
+    click.echo(f"{index_dir}: ok")
 
 
 @index.command("name-concept")
@@ -389,10 +516,9 @@ def name_concept(index_dir: Path, concept: str, name: str | None, clear: bool) -
     """Name CONCEPT (an index or its current name) NAME, so searches can say --exclude NAME."""
     if clear == (name is not None):
         raise CliError("give a NAME, or --clear to remove the name (not both)")
-    idx = ConceptIndex.load(index_dir)
+    idx = ConceptIndex.open(index_dir)
     concept_index = idx.resolve_concept(concept)
     idx.set_concept_name(concept_index, None if clear else name)
-    idx.save()
     shown = "unnamed" if clear else f"named '{name.strip()}'"
     click.echo(f"concept {concept_index} {shown} in {index_dir}")
 
@@ -418,7 +544,9 @@ def name_concept(index_dir: Path, concept: str, name: str | None, clear: bool) -
     is_flag=True,
     help="Score by cosine over the kept concepts instead of the masked dot product.",
 )
-@click.option("--where", multiple=True, help="Metadata filter KEY=VALUE (repeatable: all).")
+@click.option(
+    "--where", multiple=True, help="Metadata filter KEY=VALUE (repeatable: all; VALUE may hold =)."
+)
 @click.option("--exact", is_flag=True, help="Brute force instead of the HNSW graph.")
 @click.option("--json", "as_json", is_flag=True, help="Print the documented JSON shape.")
 @click.option("--explain", is_flag=True, help="Show each hit's top contributing concepts.")
@@ -443,16 +571,17 @@ def search(
     threads,
 ) -> None:
     """Find the images most like QUERY: an image file, or an indexed item as id:N (or N)."""
-    idx = ConceptIndex.load(index_dir)
+    if k < 1:
+        raise CliError(f"-k {k}: k must be at least 1")
+    idx = Index(ConceptIndex.load(index_dir), threads=threads)
     weights = {}
-    for key, value in _parse_pairs(concept_weight, "--concept-weight"):
+    for key, value in parse_pairs(concept_weight, "--concept-weight"):
         try:
             weights[key] = float(value)
         except ValueError:
             raise CliError(f"--concept-weight {key}={value}: weight is not a number") from None
-    filters = dict(_parse_pairs(where, "--where"))
+    filters = dict(parse_pairs(where, "--where"))
     controls = dict(
-        k=k,
         exclude=_split_concepts(exclude_concept),
         only=_split_concepts(only_concept) or None,
         weights=weights or None,
@@ -469,15 +598,18 @@ def search(
         query_id = int(raw)
         if query_id not in idx:
             raise CliError(f"{query}: no item with id {query_id} in {index_dir}")
-        hits = idx.search_id(query_id, **controls)
+        hits = idx.search(idx.index.embedding(query_id), k, exclude_ids={query_id}, **controls)
     else:
         if not os.path.exists(query):
             raise FileNotFoundError(f"{query}: no such image file (for an indexed item: id:N)")
-        embedder = _embedder_for(idx, model, precision, threads)
-        hits = idx.search(embedder.embed(query)[0], **controls)
-    if filters and len(hits) < k:
-        _warn(f"only {len(hits)} item(s) match {' '.join(where)}")
-    control = idx.plan(
+        idx._embedder = _embedder_for(idx.index, model, precision, threads)
+        hits = idx.search(Path(query), k, **controls)
+    if len(hits) < k:
+        if filters:
+            _warn(f"only {len(hits)} item(s) match {' '.join(where)}")
+        else:
+            _note(f"the index holds only {len(hits)} item(s) to return; listed them all")
+    control = idx.index.plan(
         controls["exclude"], controls["only"], weights or None, renormalize
     ).described
     control["where"] = filters or None
@@ -487,7 +619,7 @@ def search(
             out["query_id"] = query_id
         out.update(
             {
-                "model": idx.model_id,
+                "model": idx.index.model_id,
                 "index": str(index_dir),
                 "k": k,
                 "exact": exact,
@@ -511,4 +643,4 @@ def search(
 
 COMMANDS = [index, search]
 
-__all__ = ["COMMANDS", "ConceptIndexError", "index", "search"]
+__all__ = ["COMMANDS", "ConceptIndexError", "chosen_model", "index", "parse_pairs", "search"]

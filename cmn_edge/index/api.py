@@ -145,10 +145,7 @@ class Index:
 
     def full_path(self, stored: str | None) -> str | None:
         """A stored path as a file path (relative ones joined to the indexed root)."""
-        if stored is None or os.path.isabs(stored):
-            return stored
-        root = self.index.root
-        return str(root / stored) if root is not None else stored
+        return self.index.full_path(stored)
 
     def id_for_path(self, path: str | os.PathLike) -> int | None:
         found = self.index.id_for_path(self._stored_path(path))

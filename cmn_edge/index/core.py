@@ -790,6 +790,13 @@ class ConceptIndex(PlanMixin, SearchMixin, CalibrateMixin):
         root = self._store.get_info("root")
         return None if root is None else Path(root)
 
+    def full_path(self, stored: str | None) -> str | None:
+        """A stored path as a file path: relative ones (from ``sync``) joined to the root."""
+        if stored is None or os.path.isabs(stored):
+            return stored
+        root = self.root
+        return str(root / stored) if root is not None else stored
+
     def set_root(self, root: str | os.PathLike) -> None:
         with self._store.write():
             self._store.set_info("root", str(Path(root).resolve()))
@@ -1108,7 +1115,7 @@ class ConceptIndex(PlanMixin, SearchMixin, CalibrateMixin):
                 if retune is None:
                     retune = live > self.exact_below and live >= max(tuned_at, 1) * RETUNE_GROWTH
                 held = np.zeros(0, np.int64)
-                if retune and len(tail) >= 20:
+                if retune and len(tail) >= 5:
                     # tune on items the graph has not seen yet: a user's query is one of those
                     held = tail[-min(200, len(tail) // 5) :]
                     tail = np.setdiff1d(tail, held)
