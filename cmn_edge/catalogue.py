@@ -20,7 +20,8 @@ import numpy as np
 from PIL import Image
 
 from . import preprocess as pp
-from .render import concept_view, peak_crop, temp_beside
+from .files import write_bytes_atomic, write_text_atomic
+from .render import concept_view, peak_crop
 
 VIEW_SIZE = 160
 CROP_SIZE = 96
@@ -305,15 +306,9 @@ def write(catalogue: Catalogue, out: str | os.PathLike) -> Path:
 
 
 def _write_bytes(path: Path, data: bytes) -> None:
-    handle, temp = temp_beside(path)
-    try:
-        with os.fdopen(handle, "wb") as out:
-            out.write(data)
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
+    # A tile can be drawn again: no fsync for each of a few hundred small JPEGs.
+    write_bytes_atomic(path, data, durable=False)
 
 
 def _write_text(path: Path, text: str) -> None:
-    _write_bytes(path, text.encode("utf-8"))
+    write_text_atomic(path, text)

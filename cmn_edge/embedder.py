@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -14,6 +13,7 @@ import onnxruntime as ort
 
 from . import preprocess as pp
 from .dataset import is_image_file
+from .files import file_sha256
 from .metadata import (
     INPUT_NAME,
     OUTPUT_ATTENTION,
@@ -80,11 +80,7 @@ class Embedder:
     @cached_property
     def model_id(self) -> str:
         """Name and content hash: an index refuses queries from any other model file."""
-        digest = hashlib.sha256()
-        with open(self.path, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
-        return f"{self.metadata.name}@{digest.hexdigest()[:16]}"
+        return f"{self.metadata.name}@{file_sha256(self.path)[:16]}"
 
     def run(self, batch: np.ndarray, outputs: Sequence[str] = (OUTPUT_EMBEDDING,)) -> list:
         """The graph on an already preprocessed float32 batch [N, 3, H, W]."""

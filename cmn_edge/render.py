@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import os
-import secrets
 from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
@@ -18,6 +17,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
 from .explain import SHARE_EPS, Explanation
+from .files import atomic_write
 
 #: 20 colours chosen to stay distinct from each other (Sasha Trubetskoy's list), most
 #: distinct first; concepts beyond 20 reuse them.
@@ -240,38 +240,10 @@ def peak_crop(
 
 
 def save_png(image: Image.Image, path: str | os.PathLike) -> Path:
-    """Write atomically: a failed or interrupted save never leaves a half-written PNG."""
-    return _atomic_save(image, Path(path), "PNG")
+    """Write atomically: a failed or interrupted save never leaves a half-written PNG.
 
-
-def _atomic_save(image: Image.Image, path: Path, fmt: str, **params) -> Path:
-    folder = path.parent if str(path.parent) else Path(".")
-    if not folder.is_dir():
-        raise FileNotFoundError(f"{path}: folder {folder} does not exist")
-    handle, temp = temp_beside(path)
-    try:
-        with os.fdopen(handle, "wb") as out:
-            image.save(out, format=fmt, **params)
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-_CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
-
-
-def temp_beside(path: Path) -> tuple[int, str]:
-    """A new hidden file next to ``path`` to write and then rename over it.
-
-    Not ``tempfile.mkstemp``: that makes it 0600, and the renamed output would be unreadable
-    to others (a web server showing a catalogue); ``os.open`` applies the umask as usual.
+    The file gets the umask's mode (a web server may show it); a FIFO is written through.
     """
-    for _ in range(100):
-        temp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
-        try:
-            return os.open(temp, _CREATE, 0o666), str(temp)
-        except FileExistsError:
-            continue
-    raise FileExistsError(f"{path}: cannot create a temporary file beside it")
+    with atomic_write(path) as out:
+        image.save(out, format="PNG")
+    return Path(path)

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import hashlib
-import os
 import pickle
 import zipfile
 from pathlib import Path
 
 import torch
+
+from cmn_edge.files import atomic_write
+from cmn_edge.files import file_sha256 as file_sha256  # callers import it from here
 
 from .model import CMN
 
@@ -31,22 +32,10 @@ class CheckpointError(ValueError):
 
 
 def save_atomic(obj: dict, path: Path) -> None:
-    """Write next to the target, fsync, then rename: a crash never leaves half a checkpoint."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as handle:
+    """Write next to the target, fsync, then rename: a crash, a kill or a full disk never
+    leaves half a checkpoint, and a failed save keeps the previous one."""
+    with atomic_write(path) as handle:
         torch.save(obj, handle)
-        handle.flush()
-        os.fsync(handle.fileno())
-    tmp.replace(path)
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def load_checkpoint(path: str | Path, trusted: bool = False) -> dict:

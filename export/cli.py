@@ -126,9 +126,10 @@ def export_checkpoint(
     import onnxruntime as ort
     import torch
 
+    from cmn_edge.files import file_sha256
     from cmn_edge.metadata import INPUT_NAME, OUTPUT_EMBEDDING
 
-    from .checkpoint import file_sha256, model_from_checkpoint, model_from_upstream
+    from .checkpoint import model_from_checkpoint, model_from_upstream
     from .onnx_export import build_metadata, export_onnx
     from .validate import PARITY_TOLERANCE
 

@@ -15,6 +15,7 @@ from tqdm import tqdm
 
 from cmn_edge import preprocess as pp
 from cmn_edge.dataset import DatasetError, Sample, check_retrieval_ready, load_samples
+from cmn_edge.files import atomic_write
 from cmn_edge.metadata import Preprocess
 
 
@@ -147,9 +148,8 @@ def cache_trunk_features(
             chunks.append(trunk(torch.from_numpy(batch).to(device)).half().cpu())
     features = torch.cat(chunks)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save(features, tmp)
-    tmp.replace(path)
+    with atomic_write(path, durable=False) as handle:  # a cache: computed again if lost
+        torch.save(features, handle)
     return features
 
 

@@ -10,6 +10,7 @@ import onnx
 import torch
 from torch import nn
 
+from cmn_edge.files import atomic_write
 from cmn_edge.metadata import (
     INPUT_NAME,
     METADATA_KEY,
@@ -109,13 +110,26 @@ def export_onnx(model: CMN, path: str | Path, metadata: ModelMetadata) -> Path:
     exportable = ExportableCMN(copy.deepcopy(model).cpu().eval()).eval()
     static_same_padding(exportable.backbone, size)
     dummy = torch.randn(2, 3, size, size)
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = path.with_name(f".{path.name}.export.tmp")  # torch's own output, before metadata
+    try:
+        _trace(exportable, dummy, tmp)
+        onnx_model = onnx.load(str(tmp))
+    finally:
+        tmp.unlink(missing_ok=True)
+    write_metadata(onnx_model, metadata)
+    onnx.checker.check_model(onnx_model)
+    with atomic_write(path) as handle:
+        handle.write(onnx_model.SerializeToString())  # onnx.save takes the handle.name as a path
+    return path
+
+
+def _trace(exportable: nn.Module, dummy: torch.Tensor, out: Path) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(
             exportable,
             (dummy,),
-            str(tmp),
+            str(out),
             input_names=[INPUT_NAME],
             output_names=[OUTPUT_EMBEDDING, OUTPUT_SCORES, OUTPUT_ATTENTION],
             dynamic_axes={
@@ -128,9 +142,3 @@ def export_onnx(model: CMN, path: str | Path, metadata: ModelMetadata) -> Path:
             do_constant_folding=True,
             dynamo=False,
         )
-    onnx_model = onnx.load(str(tmp))
-    write_metadata(onnx_model, metadata)
-    onnx.checker.check_model(onnx_model)
-    onnx.save(onnx_model, str(tmp))
-    tmp.replace(path)
-    return path

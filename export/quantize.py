@@ -413,9 +413,10 @@ def quantize(
         new_meta = replace(metadata, precision="int8", quantization=record)
         write_metadata(quantized, new_meta)
         onnx.checker.check_model(quantized)
-        tmp_out = out_path.with_name(f".{out_path.name}.tmp")
-        onnx.save(quantized, str(tmp_out))
-        tmp_out.replace(out_path)
+        from cmn_edge.files import atomic_write
+
+        with atomic_write(out_path) as handle:
+            handle.write(quantized.SerializeToString())  # onnx.save takes the handle.name as a path
     return QuantizeResult(out_path, new_meta, tried)
 
 

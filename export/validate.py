@@ -16,6 +16,7 @@ import onnxruntime as ort
 from cmn_edge import preprocess as pp
 from cmn_edge.dataset import DatasetError, Sample, check_retrieval_ready, load_samples
 from cmn_edge.embedder import Embedder
+from cmn_edge.files import write_text_atomic
 from cmn_edge.metadata import OUTPUT_ATTENTION, OUTPUT_EMBEDDING, OUTPUT_SCORES
 from cmn_edge.metrics import retrieval_metrics
 
@@ -189,9 +190,7 @@ def validate(
             "batch_32": latency_ms(quant, big, latency_runs),
         }
     out = Path(report) if report else report_path_for(model)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    tmp.replace(out)
+    write_text_atomic(out, json.dumps(result, indent=2) + "\n")
     result["report"] = str(out)
     return result
 
