@@ -5,10 +5,12 @@ from __future__ import annotations
 import click
 
 from . import __version__
+from .cli_common import debug_option
 
 
 @click.group()
 @click.version_option(__version__, prog_name="cmn-edge")
+@debug_option
 def main() -> None:
     """Interpretable, controllable image retrieval with Concept Metrics Networks."""
 

@@ -1,22 +1,26 @@
-"""What every ``cmn-edge`` command shares: one-line errors and the model options."""
+"""What every ``cmn-edge`` command shares: error reporting and the model options.
+
+A user error (a bad file, flag or index, a full disk, no permission) is one line on stderr
+naming the file and the reason, exit status 1. Anything else is a bug: a short line that
+says so and how to see the traceback (``--debug`` or ``CMN_EDGE_DEBUG=1``), exit status 70.
+"""
 
 from __future__ import annotations
 
 import functools
+import linecache
+import os
 import sys
+import traceback
 
 import click
 
-from .dataset import DatasetError
-from .embedder import ModelError
-from .metadata import MetadataError
-from .preprocess import ImageError
-
-#: Errors that are the user's input, not a bug: shown as one line, exit status 1.
-USER_ERRORS = (
-    ImageError, ModelError, MetadataError, DatasetError, FileNotFoundError, ValueError,
-    PermissionError,
-)
+#: Set to anything but "" or "0" to print the traceback of every error (like ``--debug``).
+DEBUG_ENV = "CMN_EDGE_DEBUG"
+#: Exit status of an internal error (sysexits' EX_SOFTWARE); user errors exit 1, usage 2.
+EXIT_INTERNAL = 70
+#: Packages whose own exception classes, and whose ``raise`` statements, speak to the user.
+PROJECT_PACKAGES = ("cmn_edge", "cmn_export")
 
 
 class CliError(click.ClickException):
@@ -24,21 +28,107 @@ class CliError(click.ClickException):
         click.echo(f"error: {self.format_message()}", err=True)
 
 
+_DEBUG_META = "cmn_edge.debug"
+
+
+def _set_debug(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
+    if value:
+        ctx.meta[_DEBUG_META] = True  # ctx.meta is shared with every sub-command's context
+
+
+def debug_option(func):
+    """``--debug`` on a command group: print the traceback of any error."""
+    return click.option(
+        "--debug",
+        is_flag=True,
+        expose_value=False,
+        callback=_set_debug,
+        help=f"Print the full traceback of an error (same as {DEBUG_ENV}=1).",
+    )(func)
+
+
+def debug_enabled() -> bool:
+    """``--debug`` on the command line or ``CMN_EDGE_DEBUG`` set."""
+    if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+        return True
+    ctx = click.get_current_context(silent=True)
+    return ctx is not None and bool(ctx.meta.get(_DEBUG_META))
+
+
+def _in_project(module: str) -> bool:
+    return module.partition(".")[0] in PROJECT_PACKAGES
+
+
+def _raised_on_purpose(exc: BaseException) -> bool:
+    """Whether a ``raise`` statement in this project made ``exc`` (a message for the user).
+
+    A ValueError from inside numpy, onnxruntime or an operator (a shape mismatch, a bad
+    index) ends its traceback elsewhere, or on a line of ours that is not a ``raise``.
+    """
+    tb = exc.__traceback__
+    if tb is None:
+        return False
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    frame = tb.tb_frame
+    if not _in_project(str(frame.f_globals.get("__name__", ""))):
+        return False
+    line = linecache.getline(frame.f_code.co_filename, tb.tb_lineno, frame.f_globals)
+    return line.lstrip().startswith("raise ")
+
+
+def is_user_error(exc: BaseException) -> bool:
+    """The user's input or the machine's state (one line), not a bug (a traceback)."""
+    if isinstance(exc, OSError):  # missing file, no permission, full disk, read-only, ...
+        return True
+    if any(_in_project(cls.__module__) for cls in type(exc).__mro__):
+        return True  # ImageError, ModelError, DatasetError, the index's, cmn_export's, ...
+    return isinstance(exc, ValueError) and _raised_on_purpose(exc)
+
+
+def error_message(exc: BaseException) -> str:
+    """``<file>: <reason>`` on one line."""
+    if isinstance(exc, OSError) and exc.strerror:
+        if exc.filename is not None:
+            second = f" -> {exc.filename2}" if exc.filename2 is not None else ""
+            return f"{exc.filename}{second}: {exc.strerror}"
+        return exc.strerror
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _program() -> str:
+    """``cmn-edge`` or ``cmn-export``: the command the user typed."""
+    ctx = click.get_current_context(silent=True)
+    name = ctx.find_root().info_name if ctx is not None else None
+    return name or "cmn-edge"
+
+
 def user_errors(func):
-    """Turn a user-input error into ``error: <file>: <reason>`` on stderr and exit 1."""
+    """User errors -> ``error: <file>: <reason>``, exit 1; bugs -> a pointer to ``--debug``."""
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
         try:
             return func(*args, **kwargs)
-        except click.ClickException:
+        except (click.ClickException, click.exceptions.Exit, click.exceptions.Abort):
             raise
-        except USER_ERRORS as exc:
-            message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise CliError(message) from None
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             sys.exit(130)
+        except Exception as exc:
+            if debug_enabled():
+                traceback.print_exception(exc, file=sys.stderr)
+            if is_user_error(exc):
+                raise CliError(error_message(exc)) from None
+            program = _program()
+            click.echo(
+                f"internal error: {type(exc).__name__}: {error_message(exc)}\n"
+                f"This is a bug in {program}; `{program} --debug ...` or {DEBUG_ENV}=1 prints "
+                "the traceback.",
+                err=True,
+            )
+            sys.exit(EXIT_INTERNAL)
 
     return wrapper
 

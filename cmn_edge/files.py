@@ -76,9 +76,11 @@ def atomic_write(
         os.replace(temp, target)
         if durable:
             fsync_dir(folder)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(OSError):
             os.unlink(temp)
+        if isinstance(exc, OSError) and exc.filename is None:
+            exc.filename = str(target)  # a failed write (a full disk) names no file; say which
         raise
 
 

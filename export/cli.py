@@ -7,15 +7,13 @@ from pathlib import Path
 
 import click
 
-
-class CliError(click.ClickException):
-    """One line on stderr, exit 1."""
-
-    def show(self, file=None) -> None:  # noqa: D401 - click API
-        click.echo(f"error: {self.format_message()}", err=True)
+# The same error handling as cmn-edge: user errors one line + exit 1, bugs point to --debug.
+from cmn_edge.cli_common import CliError, debug_option
+from cmn_edge.cli_common import user_errors as _user_errors
 
 
 @click.group()
+@debug_option
 def main() -> None:
     """Training side of cmn-edge."""
 
@@ -60,6 +58,7 @@ def main() -> None:
     help="State dict of the backbone network to start from (e.g. torchvision ResNet-50).",
 )
 @click.option("--resume", type=click.Path(path_type=Path), help="A last.pt to continue from.")
+@_user_errors
 def train(datasets, resume, no_pretrained, **options) -> None:
     """Train on DATASETS (folders with manifest.csv, or <class>/<img> trees)."""
     from cmn_edge.dataset import DatasetError
@@ -79,13 +78,6 @@ def train(datasets, resume, no_pretrained, **options) -> None:
 
 
 # --- export, quantize, validate -------------------------------------------------------------
-
-
-def _user_errors(func):
-    """One-line ``error: <file>: <reason>`` and exit 1 for bad input (shared with cmn-edge)."""
-    from cmn_edge.cli_common import user_errors
-
-    return user_errors(func)
 
 
 def _read_concept_names(path: Path, count: int) -> tuple[str, ...]:
