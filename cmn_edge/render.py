@@ -21,12 +21,14 @@ from .files import atomic_write
 
 #: 20 colours chosen to stay distinct from each other (Sasha Trubetskoy's list), most
 #: distinct first; concepts beyond 20 reuse them.
+# fmt: off
 PALETTE: tuple[tuple[int, int, int], ...] = (
     (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48),
     (145, 30, 180), (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212),
     (0, 128, 128), (220, 190, 255), (170, 110, 40), (255, 250, 200), (128, 0, 0),
     (170, 255, 195), (128, 128, 0), (255, 215, 180), (0, 0, 128), (128, 128, 128),
 )
+# fmt: on
 
 # Figure layout, in output pixels. The figure is
 #   width  = 2 * MARGIN + 2 * panel + GAP
@@ -166,8 +168,7 @@ def pair_figure(explanation: Explanation, top: int | None = None, scale: int = 2
         fraction = explained / explanation.score
         head += f"   top {len(terms)} concepts: {explained:+.4f} ({fraction:.0%})"
     head += f"   {explanation.model_id}"
-    draw.text((MARGIN, 8), _fit(draw, head, width - 2 * MARGIN, font(15)), fill=TEXT,
-              font=font(15))
+    draw.text((MARGIN, 8), _fit(draw, head, width - 2 * MARGIN, font(15)), fill=TEXT, font=font(15))
     for letter, side, (x, y) in zip("AB", sides, origins):
         caption = f"{letter}: {Path(side.source).name}"
         draw.text((x, y - 20), _fit(draw, caption, panel, font(14)), fill=TEXT, font=font(14))
@@ -177,10 +178,12 @@ def pair_figure(explanation: Explanation, top: int | None = None, scale: int = 2
     for t in terms:
         pa = explanation.a.peak_xy(t.index)
         pb = explanation.b.peak_xy(t.index)
-        points.append((
-            (origins[0][0] + pa[0] * scale, origins[0][1] + pa[1] * scale),
-            (origins[1][0] + pb[0] * scale, origins[1][1] + pb[1] * scale),
-        ))
+        points.append(
+            (
+                (origins[0][0] + pa[0] * scale, origins[0][1] + pa[1] * scale),
+                (origins[1][0] + pb[0] * scale, origins[1][1] + pb[1] * scale),
+            )
+        )
     for (pa, pb), rgb in zip(reversed(points), reversed(colours)):
         draw.line((pa, pb), fill=(0, 0, 0), width=6)
         draw.line((pa, pb), fill=rgb, width=3)
@@ -204,8 +207,7 @@ def pair_figure(explanation: Explanation, top: int | None = None, scale: int = 2
         number_width = int(draw.textlength(numbers, font=fnt))
         right = x + column_width - 12
         draw.text((right - number_width, y + 3), numbers, fill=TEXT, font=fnt)
-        label = _fit(draw, f"{rank}. {_label(t.index, t.name)}", right - number_width - x - 32,
-                     fnt)
+        label = _fit(draw, f"{rank}. {_label(t.index, t.name)}", right - number_width - x - 32, fnt)
         draw.text((x + 24, y + 3), label, fill=TEXT, font=fnt)
     return figure
 
@@ -219,7 +221,8 @@ def concept_view(
     row, col = divmod(int(np.argmax(attention)), attention.shape[1])
     ch, cw = size / attention.shape[0], size / attention.shape[1]
     ImageDraw.Draw(out).rectangle(
-        (col * cw, row * ch, (col + 1) * cw - 1, (row + 1) * ch - 1), outline=(255, 255, 255),
+        (col * cw, row * ch, (col + 1) * cw - 1, (row + 1) * ch - 1),
+        outline=(255, 255, 255),
         width=2,
     )
     return out

@@ -36,16 +36,24 @@ def main() -> None:
 @click.option("--batch-size", default=64, show_default=True)
 @click.option("--lr", default=4e-5, show_default=True, help="Backbone LR; head 10x, proxies 100x.")
 @click.option("--val-fraction", default=0.1, show_default=True, help="Train classes held out.")
-@click.option("--select-metric", default="MAP@R", show_default=True,
-              type=click.Choice(["MAP@R", "R@1"]), help="Validation metric that picks best.pt.")
+@click.option(
+    "--select-metric",
+    default="MAP@R",
+    show_default=True,
+    type=click.Choice(["MAP@R", "R@1"]),
+    help="Validation metric that picks best.pt.",
+)
 @click.option(
     "--distill-weight",
     default=0.0,
     show_default=True,
     help="Keep each image's similarity order close to the pretrained backbone's (0: off).",
 )
-@click.option("--amp", is_flag=True,
-              help="bfloat16 autocast for the backbone (GPU; the head and losses stay float32).")
+@click.option(
+    "--amp",
+    is_flag=True,
+    help="bfloat16 autocast for the backbone (GPU; the head and losses stay float32).",
+)
 @click.option("--seed", default=0, show_default=True)
 @click.option("--workers", default=2, show_default=True)
 @click.option("--device", default="auto", show_default=True)
@@ -68,8 +76,9 @@ def train(datasets, resume, no_pretrained, **options) -> None:
     from .train import TrainConfig
     from .train import train as run_training
 
-    config = TrainConfig(datasets=[str(d) for d in datasets], pretrained=not no_pretrained,
-                         **options)
+    config = TrainConfig(
+        datasets=[str(d) for d in datasets], pretrained=not no_pretrained, **options
+    )
     try:
         best = run_training(config, resume=resume)
     except (DatasetError, CheckpointError, WeightsError) as exc:
@@ -214,12 +223,19 @@ def onnx_command(checkpoint, upstream_checkpoint, out, name, concept_names) -> N
     show_default=True,
     help="Calibration; auto keeps the best of the three on the check images.",
 )
-@click.option("--format", "quant_format", type=click.Choice(["qdq", "qoperator"]), default="qdq",
-              show_default=True)
-@click.option("--activation-type", type=click.Choice(["uint8", "int8"]), default="uint8",
-              show_default=True)
-@click.option("--weight-type", type=click.Choice(["int8", "uint8"]), default="int8",
-              show_default=True)
+@click.option(
+    "--format",
+    "quant_format",
+    type=click.Choice(["qdq", "qoperator"]),
+    default="qdq",
+    show_default=True,
+)
+@click.option(
+    "--activation-type", type=click.Choice(["uint8", "int8"]), default="uint8", show_default=True
+)
+@click.option(
+    "--weight-type", type=click.Choice(["int8", "uint8"]), default="int8", show_default=True
+)
 @click.option("--per-channel/--per-tensor", default=True, show_default=True)
 @click.option("--reduce-range", is_flag=True, help="7-bit weights (CPUs without VNNI).")
 @click.option("--quantize-head", is_flag=True, help="Quantize the whole concept head too.")
@@ -234,14 +250,33 @@ def onnx_command(checkpoint, upstream_checkpoint, out, name, concept_names) -> N
     show_default=True,
     help="Quantize the head's MatMuls with a constant weight (token/key/query projections).",
 )
-@click.option("--float-op-type", "float_op_types", multiple=True,
-              help="Op types kept float everywhere (repeatable; replaces the default list).")
+@click.option(
+    "--float-op-type",
+    "float_op_types",
+    multiple=True,
+    help="Op types kept float everywhere (repeatable; replaces the default list).",
+)
 @click.option("--seed", default=0, show_default=True)
 @_user_errors
-def quantize_command(model, calibration, split, count, check_count, out, method, quant_format,
-                     activation_type, weight_type, per_channel, reduce_range, quantize_head,
-                     quantize_head_matmuls, quantize_head_projections, float_op_types,
-                     seed) -> None:
+def quantize_command(
+    model,
+    calibration,
+    split,
+    count,
+    check_count,
+    out,
+    method,
+    quant_format,
+    activation_type,
+    weight_type,
+    per_channel,
+    reduce_range,
+    quantize_head,
+    quantize_head_matmuls,
+    quantize_head_projections,
+    float_op_types,
+    seed,
+) -> None:
     """Static INT8 quantization of MODEL, calibrated on TRAIN-split images."""
     from .quantize import DEFAULT_FLOAT_OP_TYPES, QuantizeOptions, quantize, summary
 
@@ -274,11 +309,15 @@ def quantize_command(model, calibration, split, count, check_count, out, method,
 @click.option("--limit", type=int, default=None, help="First N images of the split.")
 @click.option("--threads", type=int, default=None, help="onnxruntime threads (latency).")
 @click.option("--runs", default=5, show_default=True, help="Latency runs (median).")
-@click.option("--report", type=click.Path(path_type=Path),
-              help="Default: <model>.validation.json next to MODEL.")
+@click.option(
+    "--report",
+    type=click.Path(path_type=Path),
+    help="Default: <model>.validation.json next to MODEL.",
+)
 @_user_errors
-def validate_command(model, int8_model, checkpoint, upstream_checkpoint, data, split, limit,
-                     threads, runs, report) -> None:
+def validate_command(
+    model, int8_model, checkpoint, upstream_checkpoint, data, split, limit, threads, runs, report
+) -> None:
     """Parity, INT8 fidelity, Recall@K, sizes and CPU latency of an exported model."""
     from .validate import table, validate
 
@@ -311,33 +350,63 @@ def validate_command(model, int8_model, checkpoint, upstream_checkpoint, data, s
 @click.option("--batch-size", default=64, show_default=True)
 @click.option("--workers", default=2, show_default=True)
 @click.option("--device", default="auto", show_default=True)
-@click.option("--int8-weight", default=1.0, show_default=True,
-              help="Weight of the simulated-INT8-to-float term against the anchor term.")
+@click.option(
+    "--int8-weight",
+    default=1.0,
+    show_default=True,
+    help="Weight of the simulated-INT8-to-float term against the anchor term.",
+)
 @click.option("--seed", default=0, show_default=True)
 @_user_errors
-def qat_command(checkpoint, datasets, out, epochs, lr, batch_size, workers, device, int8_weight,
-                seed) -> None:
+def qat_command(
+    checkpoint, datasets, out, epochs, lr, batch_size, workers, device, int8_weight, seed
+) -> None:
     """Quantization-aware fine-tuning of CHECKPOINT on train images of DATASETS (no labels
     used): the INT8 file quantized from the result stays closer to its FP32 twin."""
     from .qat import fine_tune
 
-    result = fine_tune(checkpoint, [str(d) for d in datasets], out, epochs, lr, batch_size,
-                       workers=workers, device=device, int8_weight=int8_weight, seed=seed)
+    result = fine_tune(
+        checkpoint,
+        [str(d) for d in datasets],
+        out,
+        epochs,
+        lr,
+        batch_size,
+        workers=workers,
+        device=device,
+        int8_weight=int8_weight,
+        seed=seed,
+    )
     last = result["history"][-1]
-    click.echo(f"wrote {out}: 1-cos simulated INT8 to float {last['int8_gap']:.5f}, "
-               f"float to the original {last['float_gap']:.5f}")
+    click.echo(
+        f"wrote {out}: 1-cos simulated INT8 to float {last['int8_gap']:.5f}, "
+        f"float to the original {last['float_gap']:.5f}"
+    )
 
 
 @main.command("pack")
 @click.argument("dataset", type=click.Path(path_type=Path))
-@click.option("--out", required=True, type=click.Path(path_type=Path),
-              help="A new folder, or an earlier pack (replaced); anything else is refused.")
+@click.option(
+    "--out",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="A new folder, or an earlier pack (replaced); anything else is refused.",
+)
 @click.option("--split", default="train", show_default=True)
-@click.option("--format", "image_format", type=click.Choice(["webp", "jpeg"]), default="webp",
-              show_default=True)
+@click.option(
+    "--format",
+    "image_format",
+    type=click.Choice(["webp", "jpeg"]),
+    default="webp",
+    show_default=True,
+)
 @click.option("--quality", default=70, show_default=True, type=click.IntRange(1, 100))
-@click.option("--max-side", default=0, show_default=True,
-              help="Shrink images whose short side is longer (0: keep the size).")
+@click.option(
+    "--max-side",
+    default=0,
+    show_default=True,
+    help="Shrink images whose short side is longer (0: keep the size).",
+)
 @_user_errors
 def pack_command(dataset, out, split, image_format, quality, max_side) -> None:
     """Re-encode one split of DATASET small enough to carry (e.g. to a GPU machine)."""

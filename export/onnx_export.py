@@ -93,8 +93,14 @@ def static_same_padding(module: nn.Module, size: int) -> int:
                 continue
             pad = pad_same_arg(sizes[child], child.weight.shape[-2:], child.stride, child.dilation)
             conv = nn.Conv2d(
-                child.in_channels, child.out_channels, child.kernel_size, child.stride, 0,
-                child.dilation, child.groups, child.bias is not None,
+                child.in_channels,
+                child.out_channels,
+                child.kernel_size,
+                child.stride,
+                0,
+                child.dilation,
+                child.groups,
+                child.bias is not None,
             )
             conv.weight, conv.bias = child.weight, child.bias
             setattr(parent, name, nn.Sequential(nn.ZeroPad2d([int(p) for p in pad]), conv))

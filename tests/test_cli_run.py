@@ -399,10 +399,16 @@ def test_output_to_a_fifo_writes_through_it_and_leaves_it_a_fifo(tmp_path, photo
 
     fifo = tmp_path / "pipe"
     os.mkfifo(fifo)
-    reader = subprocess.Popen([sys.executable, "-c", f"print(len(open({str(fifo)!r}).read()))"],
-                              stdout=subprocess.PIPE, text=True)
-    result = subprocess.run(["cmn-edge", "embed", str(photos["cat"]), "--output", str(fifo),
-                             "--format", "json"], capture_output=True, text=True)
+    reader = subprocess.Popen(
+        [sys.executable, "-c", f"print(len(open({str(fifo)!r}).read()))"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    result = subprocess.run(
+        ["cmn-edge", "embed", str(photos["cat"]), "--output", str(fifo), "--format", "json"],
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 0, result.stderr
     assert int(reader.communicate(timeout=60)[0]) > 1000
     assert stat.S_ISFIFO(os.stat(fifo).st_mode)

@@ -21,14 +21,22 @@ def _size(folder: Path) -> int:
 
 def test_pack_keeps_labels_and_classes_and_shrinks_the_images(labelled_folder, tmp_path):
     out = tmp_path / "packed"
-    args = ["pack", str(labelled_folder), "--out", str(out), "--split", "all",
-            "--quality", "60", "--max-side", "128"]
+    args = [
+        "pack",
+        str(labelled_folder),
+        "--out",
+        str(out),
+        "--split",
+        "all",
+        "--quality",
+        "60",
+        "--max-side",
+        "128",
+    ]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     original, packed = load_samples(labelled_folder), load_samples(out, "all")
-    assert [(s.label, s.class_name) for s in packed] == [
-        (s.label, s.class_name) for s in original
-    ]
+    assert [(s.label, s.class_name) for s in packed] == [(s.label, s.class_name) for s in original]
     for sample in packed:
         with Image.open(sample.path) as image:
             assert image.format == "WEBP" and min(image.size) <= 128
@@ -45,8 +53,9 @@ def test_pack_of_a_missing_dataset_fails_in_one_line_and_writes_nothing(tmp_path
 
 
 def _pack(dataset: Path, out: Path):
-    return CliRunner().invoke(main, ["pack", str(dataset), "--out", str(out), "--split", "all",
-                                     "--max-side", "64"])
+    return CliRunner().invoke(
+        main, ["pack", str(dataset), "--out", str(out), "--split", "all", "--max-side", "64"]
+    )
 
 
 def _files(folder: Path) -> dict[str, bytes]:
