@@ -14,12 +14,14 @@ from pathlib import Path
 
 import click
 import numpy as np
+import onnxruntime as ort
 
 from . import preprocess as pp
 from .cli_common import CliError, model_options, user_errors
 from .dataset import check_retrieval_ready, load_samples
-from .embedder import Embedder, list_images
+from .embedder import Embedder, ModelError, list_images
 from .files import atomic_write
+from .metadata import MetadataError, ModelMetadata
 from .metrics import retrieval_metrics
 from .registry import BUNDLED, DEFAULT_MODEL, bundled_metrics, models_dir
 
@@ -331,17 +333,96 @@ def eval_(
 # models
 
 
-@click.command("models", short_help="The bundled models, their files and metrics.")
+def file_metadata(path: Path) -> dict:
+    """The key facts a model file's own ONNX metadata records (what ``cmn-export`` wrote).
+
+    Read from the file rather than from the model card, so the listing cannot drift from
+    what the runtime will actually load. Raises :class:`ModelError` for an unreadable file.
+    """
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # just read
+    try:
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        props = session.get_modelmeta().custom_metadata_map
+        meta = ModelMetadata.from_props(props, str(path))
+    except MetadataError as exc:
+        raise ModelError(str(exc)) from None
+    except Exception as exc:  # onnxruntime raises its own untyped errors
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ModelError(f"{path}: unreadable ({reason})") from None
+    quant = meta.quantization
+    return {
+        "name": meta.name,
+        "backbone": meta.backbone,
+        "precision": meta.precision,
+        "num_concepts": meta.num_concepts,
+        "named_concepts": len(meta.concept_names),
+        "input_size": meta.preprocess.input_size,
+        "resize_size": meta.preprocess.resize_size,
+        "attention_grid": list(meta.attention_grid),
+        "training_data": meta.training_data,
+        "quantization": {
+            "format": quant.get("format"),
+            "activation_type": quant.get("activation_type"),
+            "weight_type": quant.get("weight_type"),
+            "per_channel": quant.get("per_channel"),
+            "calibration": quant.get("calibration", {}),
+            "float_compute_nodes": {
+                op: len(nodes) for op, nodes in quant.get("float_compute_nodes", {}).items()
+            },
+        }
+        if quant
+        else None,
+    }
+
+
+def _describe(meta: dict) -> list[str]:
+    """A few lines for the text listing."""
+    size, grid = meta["input_size"], meta["attention_grid"]
+    named = f", {meta['named_concepts']} named" if meta["named_concepts"] else ""
+    lines = [
+        f"{meta['name']}: {meta['num_concepts']} concepts{named}, {meta['backbone']}, "
+        f"input {size}x{size} (resize {meta['resize_size']}), attention {grid[0]}x{grid[1]}, "
+        f"{meta['precision']}"
+    ]
+    quant = meta["quantization"]
+    if quant:
+        channel = "per-channel" if quant["per_channel"] else "per-tensor"
+        lines.append(
+            f"quantization: {quant['format']}, activations {quant['activation_type']}, "
+            f"weights {quant['weight_type']} {channel}"
+        )
+        calib = quant["calibration"]
+        method = calib.get("method", "?")
+        if calib.get("percentile") is not None:
+            method += f" {calib['percentile']:g}"
+        lines.append(
+            f"calibration: {method} on {calib.get('count', '?')} {calib.get('split', '?')} "
+            f"images of {calib.get('data', '?')}"
+        )
+        floats = ", ".join(f"{op} x{n}" for op, n in sorted(quant["float_compute_nodes"].items()))
+        lines.append(f"float compute nodes: {floats or 'none'}")
+    return lines
+
+
+@click.command("models", short_help="The bundled models: files, ONNX metadata, metrics.")
 @click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
 @user_errors
 def models(as_json: bool) -> None:
-    """The bundled models, their files and the metrics recorded in their model card."""
+    """The bundled models: their files, what each file's ONNX metadata records (name,
+    concepts, input size, precision, the INT8 recipe) and the metrics in the model card."""
     folder = models_dir()
     listing = []
     for bundled in BUNDLED:
         files = []
         for precision, filename in bundled.files:
             path = folder / filename
+            metadata, metadata_error = None, None
+            if path.is_file():
+                try:
+                    metadata = file_metadata(path)
+                except ModelError as exc:
+                    metadata_error = str(exc)
             files.append(
                 {
                     "precision": precision,
@@ -349,6 +430,8 @@ def models(as_json: bool) -> None:
                     "path": str(path),
                     "exists": path.is_file(),
                     "bytes": path.stat().st_size if path.is_file() else None,
+                    "metadata": metadata,
+                    "metadata_error": metadata_error,
                 }
             )
         metrics_error = None
@@ -380,6 +463,10 @@ def models(as_json: bool) -> None:
         for f in entry["files"]:
             size = f"{f['bytes'] / 1e6:8.1f} MB" if f["exists"] else "     missing"
             click.echo(f"  {f['precision']:5} {size}  {f['file']}")
+            for line in _describe(f["metadata"]) if f["metadata"] else ():
+                click.echo(f"          {line}")
+            if f["metadata_error"]:
+                click.echo(f"          metadata: {f['metadata_error']}")
         if entry["model_card"]:
             click.echo(f"  model card: {entry['model_card']}")
         if entry["metrics_error"]:

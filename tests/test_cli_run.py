@@ -371,6 +371,49 @@ def test_models_with_metrics_and_broken_metrics(monkeypatch, tmp_path, embedder)
     assert "metrics.json: unreadable" in result.stdout
 
 
+def test_models_prints_what_each_file_says_about_itself(embedder, embedder_fp32):
+    """Name, concepts, input size, precision and the INT8 recipe, read from each ONNX file."""
+    listing = json.loads(run("models", "--json").stdout)
+    files = {f["precision"]: f for f in listing["models"][0]["files"]}
+    for precision, loaded in (("int8", embedder), ("fp32", embedder_fp32)):
+        meta = files[precision]["metadata"]
+        assert meta["name"] == loaded.metadata.name and meta["precision"] == precision
+        assert meta["num_concepts"] == loaded.num_concepts
+        assert meta["input_size"] == loaded.preprocess.input_size
+        assert meta["named_concepts"] == len(loaded.metadata.concept_names)
+    recipe = embedder.metadata.quantization
+    quant = files["int8"]["metadata"]["quantization"]
+    assert quant["format"] == recipe["format"] and quant["per_channel"] == recipe["per_channel"]
+    assert quant["calibration"]["method"] == recipe["calibration"]["method"]
+    assert quant["calibration"]["count"] == recipe["calibration"]["count"]
+    assert quant["float_compute_nodes"] == {
+        op: len(nodes) for op, nodes in recipe["float_compute_nodes"].items()
+    }
+    assert files["fp32"]["metadata"]["quantization"] is None
+    text = run("models").stdout
+    size = embedder.preprocess.input_size
+    assert f"{embedder.metadata.name}: {embedder.num_concepts} concepts" in text
+    assert f"input {size}x{size}" in text
+    assert f"{recipe['format']}, activations {recipe['activation_type']}" in text
+    assert f"calibration: {recipe['calibration']['method']}" in text
+
+
+def test_models_with_an_unreadable_model_file(monkeypatch, tmp_path, embedder):
+    folder = tmp_path / "models"
+    folder.mkdir()
+    (folder / "cmn-lite0.int8.onnx").symlink_to(embedder.path)
+    (folder / "cmn-lite0.fp32.onnx").write_bytes(b"not an onnx file")
+    monkeypatch.setenv("CMN_EDGE_MODELS", str(folder))
+    result = run("models", "--json")
+    assert result.exit_code == 0, result.output
+    files = {f["precision"]: f for f in json.loads(result.stdout)["models"][0]["files"]}
+    assert files["int8"]["metadata"]["precision"] == "int8"
+    assert files["fp32"]["metadata"] is None
+    assert "cmn-lite0.fp32.onnx" in files["fp32"]["metadata_error"]
+    text = run("models")
+    assert text.exit_code == 0 and "metadata: " in text.stdout and "unreadable" in text.stdout
+
+
 def test_progress_bar_goes_to_stderr_only(monkeypatch, labelled_folder, embedder):
     """On a terminal a long job shows a bar; it must never end up in the data on stdout."""
     from cmn_edge import cli_run
