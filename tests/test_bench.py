@@ -1,7 +1,8 @@
 """``cmn-edge bench``: runs end to end with tiny repeats; the figures are present and sane.
 
 No timing is asserted (speed lives in the benchmark itself); what is checked is that every
-measure the issue asks for is reported, consistently, for both precisions.
+measure bench prints (model latency and throughput per batch size, head share, decode,
+end to end, cold start, memory) is reported, consistently, for both precisions.
 """
 
 from __future__ import annotations
