@@ -25,9 +25,10 @@ import numpy as np
 import onnxruntime as ort
 
 from . import preprocess as pp
+from .cpu import this_cpu
 from .embedder import Embedder, session_options
 from .metadata import INPUT_NAME, OUTPUT_EMBEDDING, Preprocess
-from .registry import example_photo
+from .registry import choose_precision, example_photo
 
 #: The small JPEG every checkout has; the 12 MP one is made from it once per run.
 LARGE_SIZE = (4000, 3000)
@@ -241,6 +242,7 @@ def run_bench(
         "threads": threads,
         "repeats": repeats,
         "cpu": _cpu_description(),
+        "precision_auto": choose_precision("auto"),
         "load_average": list(os.getloadavg()),
         "onnxruntime": ort.__version__,
         "precisions": {},
@@ -289,21 +291,9 @@ def _speedups(entries: dict) -> dict[str, float]:
 
 
 def _cpu_description() -> dict:
-    info = {"cores": os.cpu_count()}
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return info
-    for line in text.splitlines():
-        if line.startswith("model name") and "model" not in info:
-            info["model"] = line.split(":", 1)[1].strip()
-        if line.startswith("flags"):
-            flags = set(line.split(":", 1)[1].split())
-            info["avx512_vnni"] = "avx512_vnni" in flags
-            info["avx_vnni"] = "avx_vnni" in flags
-            info["avx2"] = "avx2" in flags
-            break
-    return info
+    """The CPU's INT8-relevant features and the kernel path they imply (``cmn_edge.cpu``)."""
+    cpu = this_cpu()
+    return {"cores": os.cpu_count(), **cpu.to_dict(), "describe": cpu.describe()}
 
 
 def format_table(result: dict) -> str:
@@ -396,4 +386,7 @@ def format_table(result: dict) -> str:
             )
         )
     lines.append(f"peak RSS of this bench process: {result['peak_rss_mib']:.0f} MiB")
+    lines.append(f"CPU: {result['cpu'].get('describe', '?')}")
+    if result.get("precision_auto"):
+        lines.append(f"--precision auto (the default) loads {result['precision_auto']} here")
     return "\n".join(lines)

@@ -15,6 +15,8 @@ import traceback
 
 import click
 
+from .registry import PRECISION_CHOICES
+
 #: Set to anything but "" or "0" to print the traceback of every error (like ``--debug``).
 DEBUG_ENV = "CMN_EDGE_DEBUG"
 #: Exit status of an internal error (sysexits' EX_SOFTWARE); user errors exit 1, usage 2.
@@ -137,7 +139,11 @@ def model_options(func):
     """--model, --precision, --threads, in that order on every command that embeds."""
     func = click.option("--threads", type=int, default=None, help="onnxruntime threads.")(func)
     func = click.option(
-        "--precision", type=click.Choice(["int8", "fp32"]), default="int8", show_default=True
+        "--precision",
+        type=click.Choice(PRECISION_CHOICES),
+        default="auto",
+        show_default=True,
+        help="auto: INT8 where this CPU's INT8 kernels keep FP32-level retrieval, else FP32.",
     )(func)
     func = click.option(
         "--model", default=None, help="Bundled model name or path to a CMN .onnx file."

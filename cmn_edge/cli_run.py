@@ -18,12 +18,13 @@ import onnxruntime as ort
 
 from . import preprocess as pp
 from .cli_common import CliError, model_options, user_errors
+from .cpu import this_cpu
 from .dataset import check_retrieval_ready, load_samples
 from .embedder import Embedder, ModelError, list_images
 from .files import atomic_write
 from .metadata import MetadataError, ModelMetadata
 from .metrics import retrieval_metrics
-from .registry import BUNDLED, DEFAULT_MODEL, bundled_metrics, models_dir
+from .registry import BUNDLED, DEFAULT_MODEL, bundled_metrics, choose_precision, models_dir
 
 #: Below this many images a progress bar is more noise than help.
 PROGRESS_MIN_ITEMS = 64
@@ -453,10 +454,15 @@ def models(as_json: bool) -> None:
                 "metrics_error": metrics_error,
             }
         )
+    cpu = this_cpu()
+    auto = choose_precision("auto", cpu)
     if as_json:
-        click.echo(json.dumps({"models_dir": str(folder), "models": listing}, indent=2))
+        payload = {"models_dir": str(folder), "cpu": cpu.to_dict(), "precision_auto": auto}
+        click.echo(json.dumps({**payload, "models": listing}, indent=2))
         return
     click.echo(f"models folder: {folder}")
+    click.echo(f"this CPU: {cpu.describe()}")
+    click.echo(f"--precision auto (the default) loads: {auto}")
     for entry in listing:
         default = " (default)" if entry["default"] else ""
         click.echo(f"\n{entry['name']}{default}: {entry['description']}")

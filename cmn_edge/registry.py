@@ -8,7 +8,12 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
+from .cpu import CpuInfo, this_cpu
+
 PRECISIONS = ("int8", "fp32")
+#: What ``--precision`` accepts: ``auto`` is INT8 where this CPU's INT8 kernels keep FP32-level
+#: retrieval (``cmn_edge.cpu``), FP32 elsewhere.
+PRECISION_CHOICES = ("auto", *PRECISIONS)
 
 
 @dataclass(frozen=True)
@@ -86,10 +91,19 @@ def get_bundled(name: str) -> BundledModel:
     raise ValueError(f"unknown model '{name}' (bundled: {known}; or give a path to an .onnx file)")
 
 
-def resolve_model_path(model: str | os.PathLike | None, precision: str) -> Path:
+def choose_precision(precision: str, cpu: CpuInfo | None = None) -> str:
+    """``auto`` -> the precision this CPU runs without losing retrieval quality."""
+    if precision not in PRECISION_CHOICES:
+        allowed = ", ".join(PRECISION_CHOICES)
+        raise ValueError(f"precision must be one of {allowed}, not '{precision}'")
+    if precision != "auto":
+        return precision
+    return "int8" if (cpu or this_cpu()).int8_is_exact else "fp32"
+
+
+def resolve_model_path(model: str | os.PathLike | None, precision: str = "auto") -> Path:
     """A bundled model name (default when None) or a path to an ``.onnx`` file."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not '{precision}'")
+    precision = choose_precision(precision)
     if model is not None and (
         str(model).endswith(".onnx") or os.sep in str(model) or Path(model).exists()
     ):

@@ -33,6 +33,8 @@ from onnxruntime.quantization import (
 )
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
+from cmn_edge.cpu import this_cpu
+from cmn_edge.embedder import session_options
 from cmn_edge.metadata import INPUT_NAME, OUTPUT_EMBEDDING, ModelMetadata
 
 from .calibration import ImageCalibrationReader, images_digest, pick_images
@@ -284,10 +286,10 @@ def _quantize_once(
 
 
 def _session(path: Path, threads: int | None) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    if threads:
-        options.intra_op_num_threads = threads
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    """As the runtime loads it, so the check measures what users get on this CPU."""
+    return ort.InferenceSession(
+        str(path), session_options(threads), providers=["CPUExecutionProvider"]
+    )
 
 
 def embedding_cosines(
@@ -404,6 +406,7 @@ def quantize(
             "check": {
                 "images": len(check_paths),
                 "split": split,
+                "kernel_path": this_cpu().kernel_path,
                 **tried.get(method, {}),
             },
             "tried": tried,

@@ -149,6 +149,8 @@ def validate(
         "classes": int(len(set(labels.tolist()))),
         "limit": limit,
         "parity": parity,
+        # INT8 numbers depend on the CPU's kernels: say which ones produced them.
+        "cpu": fp32.cpu.to_dict(),
         "retrieval": {"fp32": retrieval_metrics(e32, labels)},
         "size_bytes": {"fp32": os.path.getsize(model)},
         "embedding_norm_max_error": {"fp32": float(np.abs(np.linalg.norm(e32, axis=1) - 1).max())},
@@ -223,5 +225,11 @@ def table(result: dict[str, Any]) -> str:
             f"INT8 vs FP32 cosine: mean {f['mean_cosine']:.4f}, min {f['min_cosine']:.4f}; "
             f"same nearest neighbour {f['nearest_neighbour_agreement']:.1f}%"
         )
+    cpu = result["cpu"]
+    config = ", ".join(f"{k}={v}" for k, v in cpu["session_config"].items()) or "none"
+    lines.append(
+        f"measured on: {cpu['model'] or cpu['machine']} [{', '.join(cpu['flags'])}], "
+        f"INT8 kernel path {cpu['kernel_path']}, session config {config}"
+    )
     lines.append(f"report: {result['report']}")
     return "\n".join(lines)

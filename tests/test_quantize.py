@@ -22,6 +22,7 @@ ort = pytest.importorskip("onnxruntime")
 from click.testing import CliRunner  # noqa: E402
 
 from cmn_edge import preprocess as pp  # noqa: E402
+from cmn_edge.embedder import session_options  # noqa: E402
 from cmn_export.checkpoint import CHECKPOINT_FORMAT  # noqa: E402
 from cmn_export.cli import main  # noqa: E402
 from cmn_export.model import CMN  # noqa: E402
@@ -102,7 +103,10 @@ def runs_in_int8(node, graph) -> bool:
 
 
 def _session(path: Path) -> ort.InferenceSession:
-    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    """As the runtime loads it (on x86 without VNNI: with the exact U8U8 rewrite)."""
+    return ort.InferenceSession(
+        str(path), session_options(), providers=["CPUExecutionProvider"]
+    )
 
 
 def test_int8_embeddings_stay_close_to_fp32_on_real_photos(bundle, photos):
