@@ -151,6 +151,33 @@ class Index:
         found = self.index.id_for_path(self._stored_path(path))
         return found if found is not None else self.index.id_for_path(str(Path(path).resolve()))
 
+    @property
+    def num_concepts(self) -> int:
+        return self.index.num_concepts
+
+    @property
+    def model_id(self) -> str | None:
+        return self.index.model_id
+
+    @property
+    def concept_names(self) -> dict[int, str]:
+        return self.index.concept_names
+
+    def resolve_concept(self, concept: ConceptRef) -> int:
+        return self.index.resolve_concept(concept)
+
+    def plan(self, exclude=(), only=None, weights=None, renormalize: bool = False):
+        """The query weight vector of these concept controls (see :class:`Plan`)."""
+        return self.index.plan(exclude, only, weights, renormalize)
+
+    def item(self, item_id: int) -> tuple[str | None, dict[str, str]]:
+        """(file path, metadata) of one item."""
+        path, meta = self.index.item(item_id)
+        return self.full_path(path), meta
+
+    def embedding(self, item_id: int) -> np.ndarray:
+        return self.index.embedding(item_id)
+
     # ------------------------------------------------------------------ changes
     def _embed(self, items) -> np.ndarray:
         array = np.asarray(items) if not isinstance(items, (str, os.PathLike)) else None

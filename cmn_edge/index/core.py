@@ -537,6 +537,10 @@ class ConceptIndex(PlanMixin, SearchMixin, CalibrateMixin):
         index._fresh()
         return index
 
+    def load_view(self) -> None:
+        """Load the search view now (it loads on first use otherwise)."""
+        self._fresh()
+
     def close(self) -> None:
         self._store.close()
 
@@ -565,6 +569,10 @@ class ConceptIndex(PlanMixin, SearchMixin, CalibrateMixin):
                 self._store.conn.execute("SELECT 1 FROM items WHERE id = ?", (item_id,)).fetchone()
                 is not None
             )
+
+    def _has(self, item_id: int) -> bool:
+        """In the view (no refresh: for code that holds the view's lock)."""
+        return 0 <= item_id < len(self._id_rows) and bool(self._id_rows[item_id] >= 0)
 
     def __repr__(self) -> str:
         where = f" at {self.path}" if self.path else ""

@@ -8,6 +8,8 @@ that fails is never parsed, and the caller rebuilds the graph from the database 
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 from pathlib import Path
 
@@ -57,10 +59,18 @@ class Graph:
     def save(self, path: Path) -> tuple[str, int]:
         """Write to a temporary name, fsync, rename: (sha256, bytes) of the file."""
         tmp = path.with_name(f".{path.name}.tmp")
-        self.hnsw.save_index(str(tmp))
-        with open(tmp, "rb+") as handle:
-            os.fsync(handle.fileno())
-        digest, size = file_sha256(tmp), os.stat(tmp).st_size
+        try:
+            self.hnsw.save_index(str(tmp))
+            with open(tmp, "rb+") as handle:
+                os.fsync(handle.fileno())
+            digest, size = file_sha256(tmp), os.stat(tmp).st_size
+            if size != self.hnsw.index_file_size():
+                # hnswlib does not check its writes: a full disk leaves a short file
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
         os.replace(tmp, path)
         fsync_dir(path.parent)
         return digest, size

@@ -36,7 +36,7 @@ class SearchMixin:
         live = self._live
         if live == 0:
             raise ConceptIndexError(f"{self._where()}: the index is empty")
-        exclude_ids = {i for i in exclude_ids if i in self}
+        exclude_ids = {i for i in exclude_ids if self._has(i)}
         searchable = live - len(exclude_ids)
         if searchable <= 0:
             return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32)
@@ -44,7 +44,7 @@ class SearchMixin:
         subset = None
         if where:
             subset = self._ids_where(where) - exclude_ids
-            subset = {i for i in subset if i in self}  # a reader's view may lag the database
+            subset = {i for i in subset if self._has(i)}  # a reader's view may lag the database
             if not subset:
                 return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32)
         if plan.weights is None:

@@ -21,6 +21,7 @@ the last checkpoint (the *tail*) are read from the database and searched exactly
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import sqlite3
@@ -193,11 +194,13 @@ class Store:
             self._begin("BEGIN IMMEDIATE")
             try:
                 yield self.conn
-            except BaseException:
+                self.conn.execute("COMMIT")
+            except BaseException as exc:
                 with contextlib.suppress(sqlite3.Error):
                     self.conn.execute("ROLLBACK")
+                if isinstance(exc, sqlite3.OperationalError):
+                    raise self._os_error(exc) from exc
                 raise
-            self.conn.execute("COMMIT")
 
     @contextlib.contextmanager
     def read(self) -> Iterator[sqlite3.Connection]:
@@ -217,7 +220,18 @@ class Store:
         try:
             self.conn.execute(statement)
         except sqlite3.OperationalError as exc:
-            raise ConceptIndexError(f"{self.where}: database busy or unwritable ({exc})") from exc
+            raise self._os_error(exc) from exc
+
+    def _os_error(self, exc: sqlite3.OperationalError) -> Exception:
+        """SQLite's errors as what they are: a full disk is an OSError (ENOSPC), a read-only
+        one a PermissionError, so the CLI shows them as one line like any other."""
+        db = str(self.root / DB_FILE) if self.root else "index"
+        text = str(exc)
+        if "full" in text:
+            return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), db)
+        if "readonly" in text or "read-only" in text:
+            return PermissionError(errno.EROFS, f"cannot write ({text})", db)
+        return ConceptIndexError(f"{db}: {text}")
 
     @property
     def where(self) -> str:

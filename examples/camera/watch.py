@@ -14,8 +14,10 @@ What a long-running watcher has to survive:
   given up as CORRUPT once it stayed unchanged and unreadable for ``--give-up`` seconds;
 - restarts: each frame's path is stored in the index, and paths already there are skipped,
   so stopping and starting again never adds a frame twice;
-- being killed: the index is saved with its own atomic save (a kill leaves the old or the
-  new version, never a broken one) every ``--save-every`` seconds and on SIGTERM/SIGINT.
+- being killed: each frame is committed to the index's database as it is added (one small
+  transaction, not a rewrite of the index), so a kill loses at most the frame being added;
+- other programs: searches (the kiosk, ``cmn-edge search``) and other changes (naming a
+  concept) may use the index while the watcher adds to it.
 """
 
 from __future__ import annotations
@@ -33,14 +35,16 @@ from pathlib import Path
 import numpy as np
 
 from cmn_edge import Embedder, ImageError
-from cmn_edge.index import ConceptIndex, ConceptIndexError, is_index_dir
+from cmn_edge.index import ConceptIndexError, Index, embedder_for_index, is_index_dir
 
 log = logging.getLogger("watch")
 
 #: Suffixes capture tools give a file while they are still writing it (then rename it).
 PARTIAL_SUFFIXES = (".tmp", ".part", ".partial", ".crdownload", ".download")
-#: Consecutive failed saves after which the watcher stops (exit status 1).
+#: Consecutive failed commits after which the watcher stops (exit status 1).
 MAX_SAVE_FAILURES = 3
+#: A frame is given up as corrupt only after this many failed reads of the same version.
+MIN_FAILED_READS = 2
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 
 
@@ -65,7 +69,11 @@ class FrameQueue:
     """
 
     def __init__(
-        self, folder: Path, seen: Callable[[Path], bool], settle: float, give_up: float,
+        self,
+        folder: Path,
+        seen: Callable[[Path], bool],
+        settle: float,
+        give_up: float,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.folder, self.seen, self.settle, self.give_up = folder, seen, settle, give_up
@@ -127,12 +135,14 @@ class FrameQueue:
     def failed(self, path: Path, reason: str) -> bool:
         """Record a failed read; True once the frame is given up as corrupt.
 
-        Only a file that stayed unchanged *and* unreadable for ``give_up`` seconds is called
-        corrupt: a writer that pauses mid-file resets the clock when it goes on.
+        Only a file that stayed unchanged *and* unreadable for ``give_up`` seconds, over at
+        least MIN_FAILED_READS reads, is called corrupt: a writer that pauses mid-file resets
+        the clock when it goes on, and a first read that comes late (a busy CPU) never
+        condemns a frame by itself.
         """
         state = self.pending[path]
         state.errors.append(reason)
-        if self.clock() - state.changed_at < self.give_up:
+        if len(state.errors) < MIN_FAILED_READS or self.clock() - state.changed_at < self.give_up:
             return False
         del self.pending[path]
         self.done[path] = (state.size, state.mtime_ns)
@@ -165,7 +175,10 @@ class WatchList:
 
 
 def load_watch_list(
-    index: ConceptIndex, embedder: Embedder, folder: Path | None, ids: list[int],
+    index: Index,
+    embedder: Embedder,
+    folder: Path | None,
+    ids: list[int],
     ignore: list[str],
 ) -> WatchList:
     labels, vectors = [], []
@@ -188,35 +201,28 @@ def load_watch_list(
 # ---------------------------------------------------------------------------- the loop
 
 
-def open_index(path: Path, embedder: Embedder, model: str | None, precision: str) -> ConceptIndex:
-    """The index in ``path``, or a new one for this model (saved at once, so it exists)."""
-    if is_index_dir(path):
-        index = ConceptIndex.load(path)
-        index.check_model(embedder.model_id)
+def open_index(args: argparse.Namespace) -> Index:
+    """The index in ``args.index`` with the model it was built with (or the one asked for,
+    which must be the same), or a new index for ``--model``."""
+    if is_index_dir(args.index):
+        index = Index.open(args.index)
+        index._embedder = embedder_for_index(index.index, args.model, args.precision, args.threads)
         return index
-    index = ConceptIndex.for_embedder(embedder, model_ref=model, precision=precision)
-    index.save(path)
-    return index
+    return Index.create(
+        args.index, model=args.model, precision=args.precision or "int8", threads=args.threads
+    )
 
 
 class Watcher:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
         self.stop_reason: str | None = None
-        model, precision = args.model, args.precision
-        if is_index_dir(args.index) and model is None:
-            saved = ConceptIndex.load(args.index)  # use the model the index was built with
-            model, precision = saved.model_ref, saved.precision or precision
-        self.embedder = Embedder(model, precision=precision, threads=args.threads)
-        self.index = open_index(args.index, self.embedder, model, precision)
+        self.index = open_index(args)
+        self.embedder = self.index.embedder
         self.watch = load_watch_list(
             self.index, self.embedder, args.watch, args.watch_id, args.ignore_concept
         )
-        self.frames = FrameQueue(
-            args.folder, self.seen, settle=args.settle, give_up=args.give_up
-        )
-        self.unsaved = 0
-        self.saved_at = time.monotonic()
+        self.frames = FrameQueue(args.folder, self.seen, settle=args.settle, give_up=args.give_up)
         self.save_failures = 0
         self.skipped = 0
 
@@ -232,51 +238,57 @@ class Watcher:
         except ImageError as exc:
             reason = str(exc).removeprefix(f"{path}: ")
             if self.frames.failed(path, reason):
-                log.warning("CORRUPT %s: still unreadable after %.0fs unchanged (%s); skipped",
-                            path.name, self.args.give_up, reason)
+                log.warning(
+                    "CORRUPT %s: still unreadable after %.0fs unchanged (%s); skipped",
+                    path.name,
+                    self.args.give_up,
+                    reason,
+                )
             elif len(self.frames.pending[path].errors) == 1:  # once per version of the file
                 log.info("not readable yet: %s (%s); will retry", path.name, reason)
             return
         captured_ns = self.frames.pending[path].mtime_ns
-        item_id = self.index.add(
-            vector[None, :], [str(path.resolve())],
-            [{"source": "camera", "captured_ns": captured_ns}],
-        )[0]
-        self.frames.finished(path)
-        self.unsaved += 1
-        log.info("added %s as item %d", path.name, item_id)
-        for label, score in self.watch.matches(vector, self.args.threshold):
-            log.warning("MATCH %s ~ %s score %.3f (threshold %.2f)",
-                        path.name, label, score, self.args.threshold)
-
-    def save(self) -> bool:
-        """Save if there is anything new; False when the index could not be saved."""
-        self.saved_at = time.monotonic()
-        if not self.unsaved:
-            return True
         try:
-            self.index.save()
+            # one committed transaction: the frame's row, not a rewrite of the index
+            item_id = self.index.add(
+                vector[None, :],
+                [path],
+                [{"source": "camera", "captured_ns": captured_ns}],
+            )[0]
         except (OSError, ConceptIndexError) as exc:
-            # Disk full, a read-only mount, or another program saved this index since we
-            # loaded it (the index refuses to overwrite that). Retry a few times, then stop:
-            # a restart loads the other program's changes, and the frames not saved yet are
-            # not in the index, so they are simply picked up again.
+            # Disk full, a read-only mount, the database locked for too long: the frame
+            # stays pending and is tried again; after a few failures in a row, stop (a
+            # restart picks up every frame not in the index).
             self.save_failures += 1
-            log.error("could not save the index: %s", exc)
+            log.error("could not add %s to the index: %s", path.name, exc)
             if self.save_failures >= MAX_SAVE_FAILURES:
-                self.stop_reason = "the index cannot be saved; restart to pick up where it was"
-            return False
-        log.info("saved index %s (%d items)", self.args.index, len(self.index))
-        self.unsaved = self.save_failures = 0
-        return True
+                self.stop_reason = "the index cannot be written; restart to pick up where it was"
+            return
+        self.save_failures = 0
+        self.frames.finished(path)
+        log.info("added %s as item %d (committed; %d items)", path.name, item_id, len(self.index))
+        for label, score in self.watch.matches(vector, self.args.threshold):
+            log.warning(
+                "MATCH %s ~ %s score %.3f (threshold %.2f)",
+                path.name,
+                label,
+                score,
+                self.args.threshold,
+            )
 
     def run(self) -> bool:
-        """Watch until stopped; False when the index could not be saved."""
+        """Watch until stopped; False when the index could not be written."""
         ignored = ", ".join(self.args.ignore_concept) or "none"
         log.info(
             "watching %s -> index %s (%d items, model %s); watch list: %d; threshold %.2f; "
-            "ignoring concepts: %s", self.args.folder, self.args.index, len(self.index),
-            self.embedder.model_id, len(self.watch.labels), self.args.threshold, ignored,
+            "ignoring concepts: %s",
+            self.args.folder,
+            self.args.index,
+            len(self.index),
+            self.embedder.model_id,
+            len(self.watch.labels),
+            self.args.threshold,
+            ignored,
         )
         folder_error = None
         while self.stop_reason is None:
@@ -294,15 +306,17 @@ class Watcher:
             if self.skipped:
                 log.info("skipped %d frame(s) already in the index", self.skipped)
                 self.skipped = 0
-            if time.monotonic() - self.saved_at >= self.args.save_every:
-                self.save()
             if self.args.once and not self.frames.pending:
                 break
             time.sleep(self.args.interval)
-        saved = self.save_failures < MAX_SAVE_FAILURES and self.save()
-        level = logging.INFO if saved else logging.ERROR
-        log.log(level, "stopped (%s)", self.stop_reason or "nothing left to do")
-        return saved
+        ok = self.save_failures < MAX_SAVE_FAILURES
+        log.log(
+            logging.INFO if ok else logging.ERROR,
+            "stopped (%s)",
+            self.stop_reason or "nothing left to do",
+        )
+        self.index.close()
+        return ok
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -310,20 +324,43 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("folder", type=Path, help="Folder the camera writes frames into.")
     p.add_argument("--index", type=Path, required=True, help="Concept index (created if missing).")
     p.add_argument("--watch", type=Path, default=None, help="Folder of reference photos.")
-    p.add_argument("--watch-id", type=int, action="append", default=[],
-                   help="An item id in the index to watch for (repeatable).")
+    p.add_argument(
+        "--watch-id",
+        type=int,
+        action="append",
+        default=[],
+        help="An item id in the index to watch for (repeatable).",
+    )
     p.add_argument("--threshold", type=float, default=0.8, help="Report scores at or above this.")
-    p.add_argument("--ignore-concept", action="append", default=[], metavar="CONCEPT",
-                   help="Concept index or name left out of watch-list scores (repeatable).")
+    p.add_argument(
+        "--ignore-concept",
+        action="append",
+        default=[],
+        metavar="CONCEPT",
+        help="Concept index or name left out of watch-list scores (repeatable).",
+    )
     p.add_argument("--interval", type=float, default=0.5, help="Seconds between folder polls.")
-    p.add_argument("--settle", type=float, default=1.0,
-                   help="A frame is read once unchanged for this many seconds.")
-    p.add_argument("--give-up", type=float, default=10.0,
-                   help="An unreadable frame unchanged this long is logged as corrupt.")
-    p.add_argument("--save-every", type=float, default=10.0, help="Seconds between saves.")
+    p.add_argument(
+        "--settle",
+        type=float,
+        default=1.0,
+        help="A frame is read once unchanged for this many seconds.",
+    )
+    p.add_argument(
+        "--give-up",
+        type=float,
+        default=10.0,
+        help="An unreadable frame unchanged this long is logged as corrupt.",
+    )
+    p.add_argument("--save-every", type=float, default=None, help=argparse.SUPPRESS)  # old
     p.add_argument("--once", action="store_true", help="Process what is there, then exit.")
     p.add_argument("--model", default=None, help="Model (default: the index's, else bundled).")
-    p.add_argument("--precision", choices=["int8", "fp32"], default="int8")
+    p.add_argument(
+        "--precision",
+        choices=["int8", "fp32"],
+        default=None,
+        help="Default: the index's, else int8.",
+    )
     p.add_argument("--threads", type=int, default=None, help="onnxruntime threads.")
     args = p.parse_args(argv)
     if not args.folder.is_dir():

@@ -31,7 +31,7 @@ from werkzeug.utils import secure_filename
 
 from cmn_edge import Embedder, ImageError
 from cmn_edge.explain import ConceptTerm, Explanation, explain, share_of
-from cmn_edge.index import ConceptIndex, ConceptIndexError
+from cmn_edge.index import ConceptIndexError, Index, embedder_for_index
 from cmn_edge.preprocess import open_image
 from cmn_edge.render import pair_figure
 
@@ -49,20 +49,21 @@ class Query:
 
 
 def open_index(index_dir: Path, model: str | None, precision: str | None, threads: int | None):
-    """The index and an embedder for the model it was built with (others are refused)."""
-    index = ConceptIndex.load(index_dir)
-    embedder = Embedder(
-        model if model is not None else index.model_ref,
-        precision=precision or index.precision or "int8",
-        threads=threads,
-    )
-    index.check_model(embedder.model_id)
+    """The index and an embedder for the model it was built with (others are refused).
+
+    The kiosk only reads: it may run while another program (``cmn-edge index sync``, the
+    camera watcher) adds to the same index, and its searches follow those additions.
+    """
+    index = Index.open(index_dir)
+    embedder = embedder_for_index(index.index, model, precision, threads)
+    index = Index(index.index, embedder)
+    index.index.load_view()  # verify and load the graph now: a broken index fails at start
     if len(index) == 0:
         raise ConceptIndexError(f"{index_dir}: the index is empty; add photos to it first")
     return index, embedder
 
 
-def concept_labels(index: ConceptIndex, embedder: Embedder) -> dict[int, str]:
+def concept_labels(index: Index, embedder: Embedder) -> dict[int, str]:
     """Names from the index (set by people), else from the model, else none."""
     names = {i: n for i, n in enumerate(embedder.metadata.concept_names) if n}
     names.update(index.concept_names)
@@ -70,8 +71,11 @@ def concept_labels(index: ConceptIndex, embedder: Embedder) -> dict[int, str]:
 
 
 def create_app(
-    index_dir: Path, model: str | None = None, precision: str | None = None,
-    threads: int | None = None, k: int = 8,
+    index_dir: Path,
+    model: str | None = None,
+    precision: str | None = None,
+    threads: int | None = None,
+    k: int = 8,
 ) -> Flask:
     index, embedder = open_index(index_dir, model, precision, threads)
     names = concept_labels(index, embedder)
@@ -121,7 +125,7 @@ def create_app(
             return error(f"{upload.filename}: {reason}")
         token = remember(Query(path, vector))
         # The chips: the concepts that contribute most to the scores of the top results.
-        hits = index.search(vector, min(k, len(index)), explain=CHIPS)
+        hits = index.search(vector, k, explain=CHIPS)
         totals: dict[int, float] = {}
         for hit in hits:
             for term in hit.top_concepts or []:
@@ -138,12 +142,16 @@ def create_app(
         try:
             off = [int(c) for c in request.args.get("off", "").split(",") if c.strip()]
             wanted = max(1, int(request.args.get("k", k)))
-            hits = index.search(query.vector, min(wanted, len(index)), exclude=off)
+            hits = index.search(query.vector, wanted, exclude=off)
         except (ValueError, ConceptIndexError) as exc:
             return error(str(exc).splitlines()[0])
         results = [
-            {"id": h.id, "name": Path(h.path).name if h.path else f"item {h.id}",
-             "score": h.score, "thumb": f"/thumb/{h.id}"}
+            {
+                "id": h.id,
+                "name": Path(h.path).name if h.path else f"item {h.id}",
+                "score": h.score,
+                "thumb": f"/thumb/{h.id}",
+            }
             for h in hits
         ]
         return jsonify(results=results, off=off)
@@ -167,8 +175,11 @@ def create_app(
             return error("unknown query or item", 404)
         path, _ = index.item(item_id)
         try:
-            off = {index.resolve_concept(c) for c in request.args.get("off", "").split(",")
-                   if c.strip()}
+            off = {
+                index.resolve_concept(c)
+                for c in request.args.get("off", "").split(",")
+                if c.strip()
+            }
             result = explain(
                 query.path, path, embedder, top=FIGURE_CONCEPTS + len(off), names=names
             )
@@ -197,7 +208,10 @@ def without(result: Explanation, off: set[int]) -> Explanation:
         return tuple(t._replace(share=share_of(t.contribution, score)) for t in kept)
 
     return dataclasses.replace(
-        result, score=score, contributions=contributions, top=terms(result.top),
+        result,
+        score=score,
+        contributions=contributions,
+        top=terms(result.top),
         against=terms(result.against),
     )
 
