@@ -6,10 +6,12 @@ weight (token, key and query MatMuls: nearly all its MACs and half the model's w
 quantized by default; LayerNorm, the Softmax sharpened by the region count, the L2
 normalisations and the small MatMuls between two activations stay float: the scores are
 cosines whose differences are the whole signal, and LayerNorm/Softmax/ReduceL2 have no
-integer kernels on the CPU anyway. Measured on the default model (issue #6): file 15.6 ->
-6.8 MB, batch-32 speed-up over FP32 1.7x -> 2.25x, embedding cosine to FP32 on the test
-splits 0.9895/0.9908 -> 0.9889/0.9904. ``head_projections=False`` keeps the whole head
-float. What stayed float, and how the ranges were calibrated, goes into the metadata.
+integer kernels on the CPU anyway. Measured on the default model (AVX-512 VNNI): file
+15.6 -> 6.8 MB, batch-32 speed-up over FP32 1.7x -> 2.25x, embedding cosine to FP32 on the
+test splits 0.9895/0.9908 -> 0.9889/0.9904. On x86 without VNNI the runtime loads INT8 with
+onnxruntime's exact U8U8 rewrite (``cmn_edge.cpu``), so the same files give the same cosines.
+``head_projections=False`` keeps the whole head float. What stayed float, and how the ranges
+were calibrated, goes into the metadata.
 """
 
 from __future__ import annotations
@@ -84,7 +86,8 @@ class QuantizeError(ValueError):
 
 @dataclass(frozen=True)
 class QuantizeOptions:
-    """The knobs issue #6 benchmarks (format, types, per-channel, what stays float)."""
+    """The quantization knobs (format, types, per-channel, what stays float);
+    ``benchmarks/quant_sweep.py`` measures them on the CPU it runs on."""
 
     method: str = "minmax"  # minmax | percentile | entropy | auto (best of the three)
     quant_format: str = "qdq"  # qdq | qoperator
