@@ -249,8 +249,12 @@ class ConceptIndex(PlanMixin, SearchMixin, CalibrateMixin):
             size = os.stat(file).st_size  # FileNotFoundError: replaced meanwhile, read again
             if size < need:
                 raise IndexCorruptError(f"{file}: {size} bytes, the checkpoint needs {need}")
-            base = np.memmap(
-                file, dtype=np.float32, mode="r", shape=(ckpt.vector_rows, self.num_concepts)
+            # a plain ndarray view of the mapping: np.memmap's subclass hooks cost ~20% on
+            # the re-rank's gather
+            base = np.asarray(
+                np.memmap(
+                    file, dtype=np.float32, mode="r", shape=(ckpt.vector_rows, self.num_concepts)
+                )
             )
             row_ids = np.frombuffer(ckpt.row_ids, dtype=np.int64)
             if len(row_ids) != ckpt.vector_rows:
@@ -428,6 +432,11 @@ class ConceptIndex(PlanMixin, SearchMixin, CalibrateMixin):
             self._in_graph[:] = False
             rows = keep
             state_fit = True
+            if not self._store.conn.in_transaction:  # a checkpoint records it itself
+                with self._store.write():
+                    state = self._state()
+                    state["fitted_at"] = self._live
+                    self._store.set_info("state", state)
         else:
             state_fit = False
             if self._graph is None:

@@ -12,6 +12,7 @@ one quadratic form per query: E||P(g*w)||^2 = w (C * P^T P) w, E||g*w||^2 = w^2 
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -57,10 +58,16 @@ class Projection:
     def typical_capture(self, w: np.ndarray | None) -> float:
         """Root-mean-square share of a gallery item ``g * w`` the projection keeps."""
         if w is None:
-            kept, total = float(self.capture_weights.sum()), float(self.second_moments.sum())
+            return self._plain_capture
         else:
             kept = float(w @ self.capture_weights @ w)
             total = float((w * w) @ self.second_moments)
+        return math.sqrt(max(kept, 1e-30) / max(total, 1e-30))
+
+    @functools.cached_property
+    def _plain_capture(self) -> float:
+        # two sums over a [C, C] matrix: ~80 us a query at C=512 if done on every query
+        kept, total = float(self.capture_weights.sum()), float(self.second_moments.sum())
         return math.sqrt(max(kept, 1e-30) / max(total, 1e-30))
 
     # [d + C + 1, C] float32: P, then C * P^T P, then diag C
