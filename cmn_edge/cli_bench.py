@@ -67,6 +67,22 @@ def _batches(_ctx: click.Context, _param: click.Parameter, value: str) -> list[i
     default=None,
     help="Small JPEG to time (default: the bundled cat photo); the 12 MP one is made from it.",
 )
+@click.option(
+    "--pipeline",
+    "pipeline_folder",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Time embedding this folder instead: each stage alone, then end to end.",
+)
+@click.option(
+    "--decode-workers",
+    type=click.IntRange(min=1),
+    default=None,
+    help="With --pipeline: decoding threads (default: one per core).",
+)
+@click.option(
+    "--limit", type=click.IntRange(min=1), default=None, help="With --pipeline: first N images."
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON.")
 @user_errors
 def bench(
@@ -77,22 +93,42 @@ def bench(
     repeats: int,
     cold_repeats: int,
     photo: Path | None,
+    pipeline_folder: Path | None,
+    decode_workers: int | None,
+    limit: int | None,
     as_json: bool,
 ) -> None:
     """Time the model (per batch size), decoding, end to end and cold start; one table.
 
+    With ``--pipeline FOLDER``: read, decode and model throughput alone, and end to end.
     Timings are wall clock on whatever else this machine is doing: the load average is
     printed with them. Nothing here is a pass/fail check.
     """
     from .bench import format_table, run_bench
 
-    precisions = ["fp32", "int8"] if precision == "both" else [precision]
-    if model is not None and precision == "both" and str(model).endswith(".onnx"):
-        raise CliError(f"{model}: one .onnx file has one precision; give --precision int8 or fp32")
-
     def progress(message: str) -> None:
         if not as_json:
             click.echo(f"  {message} ...", err=True)
+
+    if pipeline_folder is not None:
+        from .bench_pipeline import format_pipeline, run_pipeline_bench
+
+        result = run_pipeline_bench(
+            pipeline_folder,
+            model,
+            "auto" if precision == "both" else precision,
+            threads,
+            decode_workers,
+            batch_size=max(batches),
+            limit=limit,
+            progress=progress,
+        )
+        click.echo(json.dumps(result, indent=2) if as_json else format_pipeline(result))
+        return
+
+    precisions = ["fp32", "int8"] if precision == "both" else [precision]
+    if model is not None and precision == "both" and str(model).endswith(".onnx"):
+        raise CliError(f"{model}: one .onnx file has one precision; give --precision int8 or fp32")
 
     try:
         result = run_bench(

@@ -23,6 +23,7 @@ from .metadata import (
     MetadataError,
     ModelMetadata,
 )
+from .pipeline import ThreadBudget, stream_batches
 from .registry import resolve_model_path
 
 
@@ -51,12 +52,16 @@ class Embedder:
         model: str | os.PathLike | None = None,
         precision: str = "auto",
         threads: int | None = None,
+        decode_workers: int | None = None,
     ) -> None:
         self.cpu = this_cpu()
+        self.threads = ThreadBudget.for_machine(threads, decode_workers)
         self.path = resolve_model_path(model, precision)
         try:
             self.session = ort.InferenceSession(
-                str(self.path), session_options(threads), providers=["CPUExecutionProvider"]
+                str(self.path),
+                session_options(self.threads.inference, spin=False),
+                providers=["CPUExecutionProvider"],
             )
         except Exception as exc:  # onnxruntime raises its own untyped errors
             reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
@@ -127,10 +132,22 @@ class Embedder:
         if isinstance(images, (str, os.PathLike, np.ndarray)) or hasattr(images, "getpixel"):
             if not (isinstance(images, np.ndarray) and images.ndim == 4):
                 images = [images]
-        chunks = [self.embed_batch(chunk).embedding for chunk in _chunks(list(images), batch_size)]
+        chunks = [emb for _, emb in self._stream(images, batch_size)]
         if not chunks:
             return np.zeros((0, self.num_concepts), dtype=np.float32)
         return np.concatenate(chunks)
+
+    def _stream(self, images, batch_size: int, skip_errors: bool = False, errors=None):
+        """Decode in ``self.threads.decode`` threads while the model runs (``pipeline``)."""
+        return stream_batches(
+            images,
+            self.load,
+            lambda batch: self.embed_arrays(batch).embedding,
+            batch_size,
+            self.threads.decode,
+            skip_errors,
+            errors,
+        )
 
     def explain(self, image: pp.ImageInput) -> Embeddings:
         """Embedding, raw concept scores and attention maps of one image."""
@@ -157,22 +174,12 @@ class Embedder:
         skip_errors: bool = False,
         errors: list[tuple[Path, str]] | None = None,
     ) -> Iterator[tuple[list[Path], np.ndarray]]:
-        for chunk in _chunks(list(paths), batch_size):
-            kept, arrays = [], []
-            for path in chunk:
-                try:
-                    arrays.append(self.load(path))
-                    kept.append(Path(path))
-                except pp.ImageError as exc:
-                    if not skip_errors:
-                        raise
-                    if errors is not None:
-                        errors.append((Path(path), str(exc)))
-            if arrays:
-                yield kept, self.embed_arrays(np.stack(arrays)).embedding
+        """(paths, embeddings) batches in input order; unreadable files stop the run, or with
+        ``skip_errors`` are left out and reported in ``errors``."""
+        yield from self._stream([Path(p) for p in paths], batch_size, skip_errors, errors)
 
 
-def session_options(threads: int | None = None) -> ort.SessionOptions:
+def session_options(threads: int | None = None, spin: bool = True) -> ort.SessionOptions:
     """The onnxruntime settings every session of a CMN model uses (``cmn-edge bench``,
     ``cmn-export quantize`` and ``validate`` too): so INT8 is measured as it is run.
 
@@ -186,6 +193,10 @@ def session_options(threads: int | None = None) -> ort.SessionOptions:
     if threads:
         options.intra_op_num_threads = int(threads)
         options.inter_op_num_threads = 1
+    if not spin:
+        # Between batches the model's threads sleep instead of spinning, so the decode
+        # workers get the cores (a batch is long enough for the wake-up not to matter).
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return options
 
 
@@ -194,8 +205,3 @@ def list_images(folder: str | os.PathLike) -> list[Path]:
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: folder not found")
     return sorted(p for p in folder.rglob("*") if is_image_file(p))
-
-
-def _chunks(items: list, size: int) -> Iterator[list]:
-    for start in range(0, len(items), max(1, size)):
-        yield items[start : start + size]
