@@ -183,8 +183,7 @@ def cold_start(
 ) -> dict[str, float]:
     """Wall time and peak RSS of a fresh ``cmn-edge embed photo`` process (import, load, embed).
 
-    The output goes to a file in a temporary folder (``--output /dev/null`` would have the
-    atomic writer rename its temporary file over the device).
+    The output goes to a file in a temporary folder, so the write is timed as users get it.
     """
     times, peaks = [], []
     with tempfile.TemporaryDirectory(prefix="cmn-bench-") as tmp:

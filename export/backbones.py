@@ -7,7 +7,6 @@ weights come from. Adding a timm or torchvision backbone is one more entry.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from cmn_edge.files import file_sha256
 from cmn_edge.metadata import Preprocess
 
 IMAGENET_MEAN_255 = (123.675, 116.28, 103.53)
@@ -92,7 +92,7 @@ def lite0_weights_path() -> Path:
 def load_lite0_imagenet() -> dict[str, torch.Tensor]:
     """The ImageNet weights of EfficientNet-Lite0 under timm's names, classifier included."""
     path = lite0_weights_path()
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    digest = file_sha256(path)
     if not digest.startswith(LITE0_WEIGHTS_SHA256_PREFIX):
         raise WeightsError(f"{path}: sha256 {digest[:8]}... is not the published Lite0 weights")
     state = torch.load(path, map_location="cpu", weights_only=True)
