@@ -19,6 +19,7 @@ from .metadata import (
     INPUT_NAME,
     OUTPUT_ATTENTION,
     OUTPUT_EMBEDDING,
+    OUTPUT_REGIONS,
     OUTPUT_SCORES,
     MetadataError,
     ModelMetadata,
@@ -148,6 +149,33 @@ class Embedder:
             skip_errors,
             errors,
         )
+
+    @property
+    def has_regions(self) -> bool:
+        """Whether the graph has the ``regions`` output (structural matching)."""
+        return self.metadata.region_grid != (0, 0)
+
+    def embed_regions(
+        self, images: Iterable[pp.ImageInput], batch_size: int = 32
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Global embeddings [N, C] and region features [N, R, C], from one forward pass."""
+        if not self.has_regions:
+            raise ModelError(
+                f"{self.path}: this model has no region output for structural matching; add "
+                f"it with `cmn-export regions {self.path}` (or re-export with cmn-export onnx)"
+            )
+
+        def infer(batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            embedding, regions = self.run(batch, (OUTPUT_EMBEDDING, OUTPUT_REGIONS))
+            return embedding, regions
+
+        parts = [out for _, out in stream_batches(images, self.load, infer, batch_size,
+                                                   self.threads.decode)]  # fmt: skip
+        if not parts:
+            cells = self.metadata.region_grid[0] * self.metadata.region_grid[1]
+            empty = np.zeros((0, self.num_concepts), np.float32)
+            return empty, np.zeros((0, cells, self.num_concepts), np.float32)
+        return np.concatenate([e for e, _ in parts]), np.concatenate([r for _, r in parts])
 
     def explain(self, image: pp.ImageInput) -> Embeddings:
         """Embedding, raw concept scores and attention maps of one image."""

@@ -20,6 +20,9 @@ INPUT_NAME = "images"
 OUTPUT_EMBEDDING = "embedding"
 OUTPUT_SCORES = "concept_scores"
 OUTPUT_ATTENTION = "attention"
+#: Per-region concept responses [N, R, C] (R = region_grid cells, each row unit length): the
+#: region features DIML's structural matching transports between two images.
+OUTPUT_REGIONS = "regions"
 
 
 class MetadataError(ValueError):
@@ -58,6 +61,8 @@ class ModelMetadata:
     training_command: str = ""
     source_checkpoint_sha256: str = ""
     quantization: dict[str, Any] = field(default_factory=dict)
+    #: (rows, cols) of the ``regions`` output; (0, 0): the graph has none (older exports)
+    region_grid: tuple[int, int] = (0, 0)
     format_version: int = FORMAT_VERSION
 
     def to_json(self) -> str:
@@ -93,6 +98,7 @@ class ModelMetadata:
                 training_command=str(raw.get("training_command", "")),
                 source_checkpoint_sha256=str(raw.get("source_checkpoint_sha256", "")),
                 quantization=dict(raw.get("quantization", {})),
+                region_grid=tuple(int(v) for v in raw.get("region_grid", (0, 0))),
                 format_version=version,
             )
         except MetadataError:

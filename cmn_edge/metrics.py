@@ -2,17 +2,30 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 DEFAULT_KS = (1, 2, 4, 8)
 
 
+#: (query row, candidate rows best first, their global scores) -> a new order of the candidates
+Reranker = Callable[[int, np.ndarray, np.ndarray], np.ndarray]
+
+
 def retrieval_metrics(
-    embeddings: np.ndarray, labels: np.ndarray, ks: tuple[int, ...] = DEFAULT_KS, chunk: int = 1024
+    embeddings: np.ndarray,
+    labels: np.ndarray,
+    ks: tuple[int, ...] = DEFAULT_KS,
+    chunk: int = 1024,
+    rerank: Reranker | None = None,
+    rerank_depth: int = 100,
 ) -> dict[str, float]:
     """Recall@K and MAP@R (Musgrave et al.) by cosine similarity, each query left out.
 
     Values are percentages. Rows are L2-normalised here, so any embedding may be passed.
+    ``rerank`` reorders each query's first ``rerank_depth`` candidates (e.g. structural
+    matching); the rest keep the cosine order.
     """
     x = np.asarray(embeddings, dtype=np.float32)
     x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
@@ -32,6 +45,11 @@ def retrieval_metrics(
         top = np.argpartition(-sims, depth - 1, axis=1)[:, :depth]
         order = np.take_along_axis(sims, top, axis=1).argsort(axis=1)[:, ::-1]
         top = np.take_along_axis(top, order, axis=1)
+        if rerank is not None:
+            head = min(rerank_depth, depth)
+            scores = np.take_along_axis(sims, top[:, :head], axis=1)
+            for i in range(len(top)):
+                top[i, :head] = top[i, :head][rerank(start + i, top[i, :head], scores[i])]
         match = labels[top] == labels[start + rows][:, None]
         for k in ks:
             hits[k] += int(match[:, :k].any(axis=1).sum())

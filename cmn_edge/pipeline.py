@@ -22,6 +22,7 @@ import numpy as np
 from .preprocess import ImageError
 
 T = TypeVar("T")
+Out = TypeVar("Out")
 
 
 @dataclass(frozen=True)
@@ -45,13 +46,13 @@ class ThreadBudget:
 def stream_batches(
     items: Iterable[T],
     load: Callable[[T], np.ndarray],
-    infer: Callable[[np.ndarray], np.ndarray],
+    infer: Callable[[np.ndarray], Out],
     batch_size: int = 32,
     workers: int = 2,
     skip_errors: bool = False,
     errors: list[tuple[T, str]] | None = None,
     prefetch_batches: int = 2,
-) -> Iterator[tuple[list[T], np.ndarray]]:
+) -> Iterator[tuple[list[T], Out]]:
     """(items, outputs) per batch, in input order (items: paths, PIL images or arrays).
 
     ``load`` runs in ``workers`` threads, ``prefetch_batches + 1`` batches ahead of ``infer``,

@@ -202,6 +202,23 @@ def onnx_command(checkpoint, upstream_checkpoint, out, name, concept_names) -> N
     )
 
 
+@main.command("regions")
+@click.argument("model", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--out", type=click.Path(path_type=Path), help="Default: replace MODEL.")
+@click.option("--grid", default=4, show_default=True, help="Regions per side (DIML: 4).")
+@_user_errors
+def regions_command(model, out, grid) -> None:
+    """Add the ``regions`` output (structural matching) to an older FP32 or INT8 file.
+
+    Only nodes are added: every existing output stays bit for bit what it was.
+    """
+    from .regions import add_region_output_to_file
+
+    meta = add_region_output_to_file(model, out or model, (grid, grid))
+    rows, cols = meta.region_grid
+    click.echo(f"wrote {out or model}: regions {rows}x{cols} of {meta.num_concepts} concepts")
+
+
 @main.command("quantize")
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option(

@@ -21,6 +21,7 @@ from cmn_edge.metadata import (
 )
 
 from .model import CMN, ExportableCMN
+from .regions import DEFAULT_GRID, add_region_output
 
 OPSET = 17
 
@@ -108,8 +109,14 @@ def static_same_padding(module: nn.Module, size: int) -> int:
     return replaced
 
 
-def export_onnx(model: CMN, path: str | Path, metadata: ModelMetadata) -> Path:
-    """Trace the inference graph (concept projections folded to constants), dynamic batch."""
+def export_onnx(
+    model: CMN,
+    path: str | Path,
+    metadata: ModelMetadata,
+    region_grid: tuple[int, int] = DEFAULT_GRID,
+) -> Path:
+    """Trace the inference graph (concept projections folded to constants), dynamic batch,
+    plus the ``regions`` output for structural matching (``(0, 0)``: without it)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     size = metadata.preprocess.input_size
@@ -122,6 +129,10 @@ def export_onnx(model: CMN, path: str | Path, metadata: ModelMetadata) -> Path:
         onnx_model = onnx.load(str(tmp))
     finally:
         tmp.unlink(missing_ok=True)
+    if region_grid != (0, 0):
+        # a small input has a small attention grid: never more regions than it has cells
+        grid = tuple(min(g, a) for g, a in zip(region_grid, metadata.attention_grid))
+        onnx_model, metadata = add_region_output(onnx_model, metadata, grid)
     write_metadata(onnx_model, metadata)
     onnx.checker.check_model(onnx_model)
     with atomic_write(path) as handle:

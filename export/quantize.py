@@ -41,6 +41,7 @@ from cmn_edge.metadata import INPUT_NAME, OUTPUT_EMBEDDING, ModelMetadata
 
 from .calibration import ImageCalibrationReader, images_digest, pick_images
 from .onnx_export import read_metadata, write_metadata
+from .regions import NODE_PREFIX as REGION_NODE_PREFIX
 
 #: Op types never quantized anywhere in the graph: LayerNormalization and the ops it
 #: decomposes into at older opsets, Softmax, and the reductions of the L2 normalisations.
@@ -212,6 +213,8 @@ def float_plan(model: onnx.ModelProto, options: QuantizeOptions) -> FloatPlan:
             for n in nodes_after(graph, feature)
             if n.name not in skip and not quantized_in_head(n)
         ]
+    # The structural-matching output (pooling and normalising cosines) always stays float.
+    head_nodes += [n.name for n in graph.node if n.name.startswith(REGION_NODE_PREFIX)]
     present = {n.op_type for n in graph.node}
     op_types = sorted(present - set(options.float_op_types))
     return FloatPlan(feature, shape_nodes, head_nodes, op_types)

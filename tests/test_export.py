@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from dataclasses import asdict
 from pathlib import Path
@@ -101,17 +102,24 @@ def test_onnx_export_matches_pytorch_with_a_dynamic_batch(small_model, tmp_path)
     path = export_onnx(small_model, tmp_path / "tiny.fp32.onnx", meta)
     assert not list(tmp_path.glob(".*.tmp"))
     back = read_metadata(path)
-    assert back == meta
+    assert back == dataclasses.replace(meta, region_grid=(3, 3))  # DIML grid clamped to 3x3
     assert back.attention_grid == (3, 3) and back.preprocess.input_size == SMALL_INPUT
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    assert [o.name for o in session.get_outputs()] == ["embedding", "concept_scores", "attention"]
+    names = [o.name for o in session.get_outputs()]
+    assert names == ["embedding", "concept_scores", "attention", "regions"]
     for batch in (1, 4):
         seeded = torch.Generator().manual_seed(batch)
         x = torch.randn(batch, 3, SMALL_INPUT, SMALL_INPUT, generator=seeded)
         with torch.no_grad():
             reference = small_model.explain(x)
-        embedding, scores, attention = session.run(None, {"images": x.numpy()})
+        embedding, scores, attention, regions = session.run(None, {"images": x.numpy()})
         assert np.abs(embedding - reference["embedding"].numpy()).max() < 1e-4
+        with torch.no_grad():  # DIML regions: each concept's cosine with each region's token
+            head, features = small_model.head, small_model.backbone(x)
+            tokens = head.token_proj(head.token_norm(features.flatten(2).transpose(1, 2)))
+            cosine = tokens @ head.concept_queries().t() / tokens.norm(dim=-1, keepdim=True)
+            expected = torch.nn.functional.normalize(cosine, dim=-1)  # 3x3 grid: no pooling
+        assert np.abs(regions - expected.numpy()).max() < 1e-4
         assert np.abs(scores - reference["concept_scores"].numpy()).max() < 1e-4
         assert np.abs(attention - reference["attention"].numpy()).max() < 1e-4
         assert attention.shape == (batch, 16, 3, 3)

@@ -162,9 +162,14 @@ def test_int8_model_quantizes_only_the_heads_projections_and_says_so(bundle):
         if n.op_type == "DequantizeLinear" and n.input[0] in initializers
         for out in n.output
     }
-    projections = [n for n in by_type["MatMul"] if constant & set(n.input)]
-    between_activations = [n for n in by_type["MatMul"] if not constant & set(n.input)]
+    regions = [n for n in by_type["MatMul"] if n.name.startswith("/regions")]
+    head_matmuls = [n for n in by_type["MatMul"] if n not in regions]
+    projections = [n for n in head_matmuls if constant & set(n.input)]
+    between_activations = [n for n in head_matmuls if not constant & set(n.input)]
     assert len(projections) == 3 and len(between_activations) == 2
+    # DIML's region pooling stays float: it reads float cosines and a float constant
+    assert len(regions) == 1 and not runs_in_int8(regions[0], graph)
+    assert regions[0].name in head
     assert all(runs_in_int8(n, graph) for n in projections)
     assert all(n.name in head for n in between_activations)
     softmax_out = {o for n in by_type["Softmax"] for o in n.output}
@@ -183,7 +188,7 @@ def test_float_head_projections_option_keeps_the_whole_head_float(bundle, tmp_pa
     assert result.exit_code == 0, result.output
     graph = onnx.load(str(out)).graph
     matmuls = [n for n in graph.node if n.op_type == "MatMul"]
-    assert len(matmuls) == 5 and not any(runs_in_int8(n, graph) for n in matmuls)
+    assert len(matmuls) == 6 and not any(runs_in_int8(n, graph) for n in matmuls)  # 5 + regions
     assert read_metadata(out).quantization["head_projections_quantized"] is False
     assert out.stat().st_size > 1.5 * bundle["int8"].stat().st_size  # the head's weights
 
