@@ -18,6 +18,7 @@ from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
 from .explain import SHARE_EPS, Explanation
 from .files import atomic_write
+from .structural import Match
 
 #: 20 colours chosen to stay distinct from each other (Sasha Trubetskoy's list), most
 #: distinct first; concepts beyond 20 reuse them.
@@ -250,3 +251,50 @@ def save_png(image: Image.Image, path: str | os.PathLike) -> Path:
     with atomic_write(path) as out:
         image.save(out, format="PNG")
     return Path(path)
+
+
+def structural_figure(
+    image_a: Image.Image,
+    image_b: Image.Image,
+    match: Match,
+    grid: tuple[int, int],
+    top: int = 12,
+    scale: int = 2,
+    captions: tuple[str, str] = ("A", "B"),
+) -> Image.Image:
+    """DIML's view: both crops with their region grid, and a line per matched region pair,
+    as wide as its share of the structural score (the ``top`` largest pairs)."""
+    if scale < 1:
+        raise ValueError(f"scale must be >= 1, not {scale}")
+    panel = image_a.width * scale
+    width = 2 * MARGIN + 2 * panel + GAP
+    height = HEADER + panel + MARGIN
+    figure = Image.new("RGB", (width, height), BACKGROUND)
+    draw = ImageDraw.Draw(figure)
+    origins = [(MARGIN, HEADER), (MARGIN + panel + GAP, HEADER)]
+    rows, cols = grid
+    for image, (x, y), caption in zip((image_a, image_b), origins, captions):
+        figure.paste(image.resize((panel, panel), Image.Resampling.BICUBIC), (x, y))
+        for i in range(1, rows):
+            draw.line((x, y + i * panel / rows, x + panel, y + i * panel / rows), fill=(255,) * 3)
+        for j in range(1, cols):
+            draw.line((x + j * panel / cols, y, x + j * panel / cols, y + panel), fill=(255,) * 3)
+        draw.text((x, y - 20), _fit(draw, caption, panel, font(14)), fill=TEXT, font=font(14))
+    pairs = match.top_pairs(top)
+    shown = sum(c for _, _, c in pairs)
+    head = f"structural similarity {match.score:+.4f}   top {len(pairs)} region pairs: "
+    share = f" ({shown / match.score:.0%})" if match.score > SHARE_EPS else ""
+    head += f"{shown:+.4f}{share}"
+    draw.text((MARGIN, 8), _fit(draw, head, width - 2 * MARGIN, font(15)), fill=TEXT, font=font(15))
+    largest = max((c for _, _, c in pairs), default=0.0)
+
+    def centre(origin: tuple[int, int], cell: int) -> tuple[float, float]:
+        row, col = divmod(cell, cols)
+        return origin[0] + (col + 0.5) * panel / cols, origin[1] + (row + 0.5) * panel / rows
+
+    for rank, (i, j, contribution) in reversed(list(enumerate(pairs))):
+        line = (centre(origins[0], i), centre(origins[1], j))
+        thickness = max(1, round(10 * contribution / largest)) if largest > 0 else 1
+        draw.line(line, fill=(0, 0, 0), width=thickness + 3)
+        draw.line(line, fill=colour(rank), width=thickness)
+    return figure

@@ -126,3 +126,20 @@ def test_an_old_file_says_how_to_add_regions_and_the_upgrade_keeps_outputs(tmp_p
     ref_emb, ref_reg = Embedder(shipped, threads=2).embed_regions(paths)
     assert np.array_equal(emb, legacy.embed(paths)) and np.array_equal(emb, ref_emb)
     assert np.allclose(reg, ref_reg, atol=1e-6)
+
+
+def test_structural_figure_draws_the_top_pairs(regions, photos) -> None:
+    from cmn_edge import preprocess as pp
+    from cmn_edge.render import structural_figure
+
+    emb, reg = regions
+    embedder = Embedder(threads=1)
+    crops = [
+        pp.resize_and_crop(pp.open_image(photos[n], embedder.preprocess), embedder.preprocess)
+        for n in ("cat", "coffee")
+    ]
+    result = match(reg[0], emb[0], reg[1], emb[1])
+    few = np.asarray(structural_figure(*crops, result, (4, 4), top=1))
+    many = np.asarray(structural_figure(*crops, result, (4, 4), top=12))
+    assert few.shape == many.shape and few.shape[1] > 2 * crops[0].width
+    assert (few != many).any(axis=-1).sum() > 500  # more pairs, more lines drawn
