@@ -65,7 +65,7 @@ def dir_bytes(path: Path) -> int:
 
 
 COLD = """
-import resource, sys, time
+import sys, time
 t0 = time.perf_counter()
 import numpy as np
 from cmn_edge.index import ConceptIndex
@@ -77,7 +77,9 @@ ids, _ = index.search_ids(q, 10)
 t3 = time.perf_counter()
 ids, _ = index.search_ids(q, 10, exclude=list(range(0, index.num_concepts, 2)))
 t4 = time.perf_counter()
-rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+# VmHWM, not ru_maxrss: ru_maxrss keeps the parent's size from before exec()
+status = open("/proc/self/status").read().split("VmHWM:")[1].split()
+rss = int(status[0]) / 1024
 print(f"{t1 - t0:.4f} {t2 - t1:.4f} {t3 - t2:.4f} {t4 - t3:.4f} {rss:.1f}")
 """
 

@@ -333,3 +333,22 @@ def test_full_disk_during_build_is_one_line_and_leaves_an_index_that_opens(
         index = ConceptIndex.open(target)
         assert 0 < len(index) <= 400  # the disk filled in a commit, or at the checkpoint
         assert index.verify() == []
+
+
+def test_a_long_lived_reader_folds_a_large_tail_into_its_own_graph(tmp_path):
+    folder = tmp_path / "soft.idx"
+    data = clustered(2000, 8)
+    index = ConceptIndex(DIM, "m@1", exact_below=0)
+    index.add(data[:1000])
+    index.save(folder)
+    writer = ConceptIndex.open(folder)
+    writer.auto_checkpoint = False
+    writer.add(data[1000:2000])
+    before = sorted(p.name for p in folder.iterdir())
+    reader = ConceptIndex.load(folder)
+    assert reader.manifest()["counts"]["tail"] == 1000  # scanned exactly at first
+    for i in range(150):
+        assert reader.search_ids(data[1000 + i], 1)[0][0] == 1000 + i
+    assert reader.manifest()["counts"]["tail"] == 0  # now in its own in-memory graph
+    assert sorted(p.name for p in folder.iterdir()) == before  # nothing written
+    assert reader.search_ids(data[1999], 1)[0][0] == 1999

@@ -45,11 +45,19 @@ from .store import (
 )
 from .vectors import VectorRows
 
-#: With no explicit ``checkpoint_every``: checkpoint once the tail holds this share of the
+#: With no explicit ``checkpoint_every``: checkpoint once the tail holds 1/TAIL_SHARE of the
 #: gallery (but at least MIN_TAIL items). A checkpoint writes the whole graph, so this sets
-#: the amortised bytes per change (graph bytes per item x 16) and bounds the exact scan.
-TAIL_SHARE = 16
+#: the amortised bytes per change (graph bytes per item x 32) and bounds the exact scan.
+TAIL_SHARE = 32
 MIN_TAIL = 1024
+#: Refit the projection when new items keep less than this share of the energy the fitted
+#: items kept in it (root-mean-square capture).
+DRIFT_CAPTURE = 0.97
+#: A process that has served SOFT_FOLD_AFTER searches with a tail over SOFT_FOLD_TAIL items
+#: puts the tail into its own in-memory graph (written nowhere): a kiosk then searches the
+#: graph instead of scanning the tail on every query, while a one-shot search pays nothing.
+SOFT_FOLD_TAIL = 512
+SOFT_FOLD_AFTER = 100
 
 PARAMS = (
     "M",
@@ -102,7 +110,7 @@ class ConceptIndex(PlanMixin, SearchMixin, CalibrateMixin):
     ``ef / cos(q, q*w)**mask_ef_power`` deep (see :mod:`.calibrate`).
 
     ``checkpoint_every``: tail size that triggers an automatic graph checkpoint of an
-    on-disk index (default: a sixteenth of the gallery, at least 1024).
+    on-disk index (default: 1/32 of the gallery, at least 1024).
     """
 
     def __init__(
@@ -209,6 +217,8 @@ class ConceptIndex(PlanMixin, SearchMixin, CalibrateMixin):
         self._ckpt = EMPTY_CHECKPOINT
         self._data_version: int | None = None
         self._dirty = False
+        self._searches = 0
+        self._tuning = False
 
     def _grow_ids(self, top: int) -> None:
         if top >= len(self._id_rows):
@@ -380,6 +390,19 @@ class ConceptIndex(PlanMixin, SearchMixin, CalibrateMixin):
     def _tail_rows(self) -> np.ndarray:
         return self._tail_rows_unlocked()
 
+    def _maybe_soft_fold(self) -> None:
+        """See SOFT_FOLD_TAIL: a long-lived reader stops scanning a large tail."""
+        self._searches += 1
+        if (
+            self.path is None
+            or self._tuning
+            or self._searches < SOFT_FOLD_AFTER
+            or len(self._tail_ids) <= SOFT_FOLD_TAIL
+        ):
+            return
+        with self._lock.write():
+            self._fold_unlocked(self._tail_rows_unlocked())
+
     # ------------------------------------------------------------------ graph space
     @property
     def graph_dims(self) -> int | None:
@@ -455,6 +478,19 @@ class ConceptIndex(PlanMixin, SearchMixin, CalibrateMixin):
         self._tail_ids = [i for i in self._tail_ids if i not in folded]
         self._tail_cache = None
         return state_fit
+
+    def _projection_drifted(self, tail: np.ndarray) -> bool:
+        """True when the newest items keep clearly less of their energy in the graph's
+        directions than the items the projection was fitted on (same distribution: about
+        the same share, and a refit would only rebuild the graph for nothing)."""
+        sample = tail[-2000:] if len(tail) >= 50 else np.flatnonzero(self._row_ids >= 0)[-2000:]
+        if not len(sample):
+            return False
+        vectors = self._rows.gather(sample)
+        kept = np.linalg.norm(vectors @ self._projection.matrix.T, axis=1) ** 2
+        total = np.linalg.norm(vectors, axis=1) ** 2
+        now = float(np.sqrt(kept.sum() / max(total.sum(), 1e-30)))
+        return now < DRIFT_CAPTURE * self._projection.typical_capture(None)
 
     def set_graph_dims(
         self, dims: int | None, sample: np.ndarray | None = None, *, num_threads: int = -1
@@ -870,6 +906,7 @@ class ConceptIndex(PlanMixin, SearchMixin, CalibrateMixin):
         """
         q = self._query_vector(query)
         self._fresh()
+        self._maybe_soft_fold()
         plan = self.plan(exclude, only, weights, renormalize)
         with self._lock.read():
             ids, scores = self._search_unlocked(q, k, plan, where, exact, set(exclude_ids))
@@ -895,6 +932,7 @@ class ConceptIndex(PlanMixin, SearchMixin, CalibrateMixin):
         where = controls.pop("where", None)
         exclude_ids = set(controls.pop("exclude_ids", ()))
         self._fresh()
+        self._maybe_soft_fold()
         plan = self.plan(**controls)
         with self._lock.read():
             return self._search_unlocked(q, k, plan, where, exact, exclude_ids)
@@ -1122,12 +1160,16 @@ class ConceptIndex(PlanMixin, SearchMixin, CalibrateMixin):
                 live = self._live
                 tail = self._tail_rows_unlocked()
                 fitted_at = int(state.get("fitted_at", 0))
-                if refit is None:
-                    refit = bool(
-                        self._wanted_graph_dims
-                        and self._projection is not None
-                        and live >= max(fitted_at, 1) * REFIT_GROWTH
-                    )
+                if refit is None and (
+                    self._wanted_graph_dims
+                    and self._projection is not None
+                    and live >= max(fitted_at, 1) * REFIT_GROWTH
+                ):
+                    # grown enough to look again: refit (a full graph rebuild) only if the
+                    # new items have drifted from what the directions were fitted on
+                    refit = self._projection_drifted(tail)
+                    if not refit:
+                        state["fitted_at"] = live  # still fits: look again after more growth
                 tuned_at = int(state.get("tuned_at", 0))
                 if retune is None:
                     retune = live > self.exact_below and live >= max(tuned_at, 1) * RETUNE_GROWTH
