@@ -315,17 +315,26 @@ def build(
     else:
         idx = resume
     idx.index.auto_checkpoint = False  # one checkpoint at the end, not one per batch
-    try:
-        report = _run_sync(idx, folder, batch_size, strict, metadata)
-    except BaseException as exc:
-        if created and resume is None and not isinstance(exc, (KeyboardInterrupt, OSError)):
-            idx.close()
-            shutil.rmtree(index_dir, ignore_errors=True)  # refused (--strict): leave nothing
-        raise
-    if not len(idx):
+
+    def discard() -> None:
+        """A refused build leaves nothing: the directory it made, or what it put in one."""
         idx.close()
         if created:
             shutil.rmtree(index_dir, ignore_errors=True)
+        else:
+            for entry in index_dir.iterdir():  # it was empty before this build
+                shutil.rmtree(entry) if entry.is_dir() else entry.unlink(missing_ok=True)
+
+    try:
+        report = _run_sync(idx, folder, batch_size, strict, metadata)
+    except BaseException as exc:
+        # a refusal (--strict) leaves nothing; an interruption or a full disk leaves what
+        # was committed, for the next build to resume
+        if resume is None and not isinstance(exc, (KeyboardInterrupt, OSError)):
+            discard()
+        raise
+    if not len(idx):
+        discard()
         raise CliError(f"{folder}: no readable images (all {len(paths)} were skipped)")
     result = idx.index.checkpoint(retune=not no_calibrate, compact=True)
     with idx.index._store.write():
