@@ -67,6 +67,17 @@ def test_wheel_ships_each_bundled_file_once_as_package_data(wheel: Path) -> None
     assert not [n for n in names if ".data/" in n]  # no second copy under <prefix>/share
 
 
+def test_wheel_holds_every_module_of_the_checkout(wheel: Path) -> None:
+    """A subpackage missing from pyproject's list would install a runtime that cannot import."""
+    names = set(zipfile.ZipFile(wheel).namelist())
+    modules = [p.relative_to(ROOT).as_posix() for p in (ROOT / "cmn_edge").rglob("*.py")]
+    modules += [
+        "cmn_export/" + p.relative_to(ROOT / "export").as_posix()
+        for p in (ROOT / "export").rglob("*.py")
+    ]
+    assert modules and not [m for m in modules if m not in names]
+
+
 def _embeds_the_bundled_photo(
     python: Path, script: Path, env: dict[str, str], prefix: Path, elsewhere: Path
 ) -> None:
@@ -79,6 +90,10 @@ def _embeds_the_bundled_photo(
         assert not Path(line).is_relative_to(ROOT), line
     photo = Path(found[1])
     result = _run([script, "embed", photo, "--precision", "int8", "--threads", "1"], elsewhere, env)
+    gallery = elsewhere / "gallery"
+    gallery.mkdir(exist_ok=True)
+    shutil.copy(photo, gallery / "a.jpg")
+    _run([script, "index", "build", gallery, "--index", elsewhere / "idx"], elsewhere, env)
     document = json.loads(result.stdout)
     assert document["model"].startswith("cmn-lite0@") and document["precision"] == "int8"
     assert [item["path"] for item in document["items"]] == [str(photo)]
