@@ -23,7 +23,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=ROOT / "models" / "metrics.json")
     parser.add_argument(
-        "--anchor", action="append", default=[], metavar="DATASET=R@1",
+        "--anchor",
+        action="append",
+        default=[],
+        metavar="DATASET=R@1",
         help="Reference R@1 of the pretrained backbone alone, recorded beside the results.",
     )
     args = parser.parse_args()
@@ -32,12 +35,21 @@ def main() -> None:
     for dataset in args.datasets:
         for precision in ("fp32", "int8"):
             command = [
-                "cmn-edge", "eval", str(dataset), "--split", args.split,
-                "--precision", precision, "--threads", str(args.threads), "--json",
+                "cmn-edge",
+                "eval",
+                str(dataset),
+                "--split",
+                args.split,
+                "--precision",
+                precision,
+                "--threads",
+                str(args.threads),
+                "--json",
             ]
             print("$", " ".join(command), file=sys.stderr, flush=True)
-            report = json.loads(subprocess.run(command, check=True, capture_output=True,
-                                               text=True).stdout)
+            report = json.loads(
+                subprocess.run(command, check=True, capture_output=True, text=True).stdout
+            )
             entry = results.setdefault(dataset.name, {})
             entry[precision] = {k: round(v, 2) for k, v in report["metrics"].items()}
             entry["images"] = report["count"]

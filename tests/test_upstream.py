@@ -84,7 +84,9 @@ def test_upstream_checkpoint_converts_and_matches_pytorch(upstream, exported, ph
     assert meta.source_checkpoint_sha256 == file_sha256(path)
     batch = np.stack([pp.load(photos[n], meta.preprocess) for n in ("cat", "rocket", "coffee")])
     session = ort.InferenceSession(str(exported), providers=["CPUExecutionProvider"])
-    embedding, scores, attention = session.run(None, {"images": batch})
+    embedding, scores, attention = session.run(
+        ["embedding", "concept_scores", "attention"], {"images": batch}
+    )
     with torch.no_grad():
         reference = model.explain(torch.from_numpy(batch))
     assert np.abs(embedding - reference["embedding"].numpy()).max() < 1e-4
