@@ -2,15 +2,32 @@
 
 from __future__ import annotations
 
+import os
+
 import click
 
 from . import __version__
 from .cli_common import debug_option
+from .pipeline import DECODE_WORKERS_ENV
+
+
+def _set_decode_workers(_ctx: click.Context, _param: click.Parameter, value: int | None) -> None:
+    if value is not None:  # read by ThreadBudget, wherever this process embeds a folder
+        os.environ[DECODE_WORKERS_ENV] = str(value)
 
 
 @click.group()
 @click.version_option(__version__, prog_name="cmn-edge")
 @debug_option
+@click.option(
+    "--decode-workers",
+    type=click.IntRange(min=1),
+    default=None,
+    expose_value=False,
+    callback=_set_decode_workers,
+    help=f"Threads that decode images while the model runs (default: one per core; or "
+    f"{DECODE_WORKERS_ENV}). The model's own threads: each command's --threads.",
+)
 def main() -> None:
     """Interpretable, controllable image retrieval with Concept Metrics Networks."""
 

@@ -89,3 +89,25 @@ def test_bench_pipeline_reports_every_stage(labelled_folder: Path) -> None:
     assert all(rate > 0 for rate in report["stages_img_per_s"].values())
     assert report["end_to_end_img_per_s"] > 0 and report["peak_rss_mib"] > 0
     assert report["slowest_stage"] in report["stages_img_per_s"]
+
+
+def test_decode_workers_from_the_command_line_and_the_environment(
+    labelled_folder: Path, monkeypatch
+) -> None:
+    import json
+
+    from click.testing import CliRunner
+
+    from cmn_edge.cli import main
+    from cmn_edge.pipeline import DECODE_WORKERS_ENV
+
+    monkeypatch.setenv(DECODE_WORKERS_ENV, "5")  # restored after the test
+    assert ThreadBudget.for_machine().decode == 5
+    assert ThreadBudget.for_machine(decode_workers=2).decode == 2  # an argument wins
+    args = ["--decode-workers", "3", "bench", "--pipeline", str(labelled_folder), "--json"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["threads"]["decode"] == 3
+    monkeypatch.setenv(DECODE_WORKERS_ENV, "many")
+    with pytest.raises(ValueError, match="not a number"):
+        ThreadBudget.for_machine()
