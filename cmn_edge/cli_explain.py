@@ -80,6 +80,12 @@ def _print_terms(title: str, terms) -> None:
     default=None,
     help="A concept index whose saved concept names to show.",
 )
+@click.option(
+    "--structural",
+    is_flag=True,
+    help="Also DIML's structural match: region pairs, their transport plan and shares "
+    "(drawn under the concepts with --heatmap).",
+)
 @model_options
 @user_errors
 def explain(
@@ -90,6 +96,7 @@ def explain(
     heatmap: Path | None,
     scale: int,
     index_dir: Path | None,
+    structural: bool,
     model: str | None,
     precision: str,
     threads: int | None,
@@ -108,20 +115,61 @@ def explain(
     if heatmap is not None and not heatmap.parent.is_dir():
         raise CliError(f"{heatmap}: folder {heatmap.parent} does not exist")
     result = run_explain(image_a, image_b, embedder, top=top, names=names)
+    pairs = _structural(embedder, image_a, image_b) if structural else None
     if heatmap is not None:
-        from .render import pair_figure, save_png
+        from .render import pair_figure, save_png, stack, structural_figure
 
-        save_png(pair_figure(result, scale=scale), heatmap)
+        figure = pair_figure(result, scale=scale)
+        if pairs is not None:
+            grid = embedder.metadata.region_grid
+            names_ab = (f"A: {image_a.name}", f"B: {image_b.name}")
+            lower = structural_figure(
+                result.a.image, result.b.image, pairs, grid, top, scale, names_ab
+            )
+            figure = stack(figure, lower)
+        save_png(figure, heatmap)
     if as_json:
         document = result.to_dict()
+        if pairs is not None:
+            document["structural"] = _structural_document(pairs, embedder.metadata.region_grid)
         document["heatmap"] = str(heatmap) if heatmap is not None else None
         click.echo(json.dumps(document, indent=2))
         return
     click.echo(f"score {result.score:+.5f}  ({image_a.name} vs {image_b.name}, {result.model_id})")
     _print_terms(f"top {len(result.top)} concepts (share = contribution / score):", result.top)
     _print_terms("pulling apart:", result.against[: min(3, len(result.against))])
+    if pairs is not None:
+        cols = embedder.metadata.region_grid[1]
+        click.echo(f"structural similarity {pairs.score:+.5f} (DIML; region pairs, largest first):")
+        for i, j, share in pairs.top_pairs(top):
+            a, b = divmod(i, cols), divmod(j, cols)
+            click.echo(f"  A region {a} <-> B region {b}  {share:+.5f}")
     if heatmap is not None:
         click.echo(f"wrote {heatmap}")
+
+
+def _structural(embedder, image_a: Path, image_b: Path):
+    """DIML's match of the two images' regions (the model must have its region output)."""
+    from .structural import match
+
+    emb, regions = embedder.embed_regions([image_a, image_b])
+    return match(regions[0], emb[0], regions[1], emb[1])
+
+
+def _structural_document(pairs, grid: tuple[int, int]) -> dict:
+    """Every region pair, largest share first: the contributions sum to the score."""
+    cols = grid[1]
+    rows = [
+        {
+            "a_region": [*divmod(i, cols)],
+            "b_region": [*divmod(j, cols)],
+            "plan": float(pairs.plan[i, j]),
+            "similarity": float(pairs.similarity[i, j]),
+            "contribution": share,
+        }
+        for i, j, share in pairs.top_pairs(pairs.plan.size)
+    ]
+    return {"score": pairs.score, "grid": list(grid), "pairs": rows}
 
 
 @click.group(invoke_without_command=True)

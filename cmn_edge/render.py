@@ -253,6 +253,14 @@ def save_png(image: Image.Image, path: str | os.PathLike) -> Path:
     return Path(path)
 
 
+def stack(upper: Image.Image, lower: Image.Image) -> Image.Image:
+    """One picture above the other, on the figures' background."""
+    out = Image.new("RGB", (max(upper.width, lower.width), upper.height + lower.height), BACKGROUND)
+    out.paste(upper, (0, 0))
+    out.paste(lower, (0, upper.height))
+    return out
+
+
 def structural_figure(
     image_a: Image.Image,
     image_b: Image.Image,

@@ -143,3 +143,29 @@ def test_structural_figure_draws_the_top_pairs(regions, photos) -> None:
     many = np.asarray(structural_figure(*crops, result, (4, 4), top=12))
     assert few.shape == many.shape and few.shape[1] > 2 * crops[0].width
     assert (few != many).any(axis=-1).sum() > 500  # more pairs, more lines drawn
+
+
+def test_explain_structural_cli(photos, tmp_path) -> None:
+    import json
+
+    from click.testing import CliRunner
+    from PIL import Image
+
+    from cmn_edge.cli import main
+
+    pair = [str(photos["cat"]), str(photos["coffee"])]
+    result = CliRunner().invoke(main, ["explain", *pair, "--structural", "--json"])
+    assert result.exit_code == 0, result.output
+    document = json.loads(result.output)["structural"]
+    assert document["grid"] == [4, 4] and len(document["pairs"]) == 256
+    total = sum(p["contribution"] for p in document["pairs"])
+    assert total == pytest.approx(document["score"], abs=1e-5)
+    shares = [p["contribution"] for p in document["pairs"]]
+    assert shares == sorted(shares, reverse=True)
+    plain, both = tmp_path / "plain.png", tmp_path / "both.png"
+    for args, out in (([], plain), (["--structural"], both)):
+        done = CliRunner().invoke(main, ["explain", *pair, "--heatmap", str(out), *args])
+        assert done.exit_code == 0, done.output
+    assert Image.open(both).height > Image.open(plain).height  # the region view below
+    text = CliRunner().invoke(main, ["explain", *pair, "--structural"]).output
+    assert "structural similarity" in text and "<->" in text
