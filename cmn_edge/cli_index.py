@@ -56,6 +56,14 @@ INDEX_OPTION = click.option(
     type=click.Path(path_type=Path),
     help="Index directory.",
 )
+METADATA_OPTION = click.option(
+    "--metadata",
+    "metadata_csv",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="CSV with a 'path' column (relative to the CSV) and any metadata columns.",
+)
+BATCH_OPTION = click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True)
 
 
 # ---------------------------------------------------------------------- helpers
@@ -210,14 +218,8 @@ def index() -> None:
 @click.argument("folder", type=click.Path(path_type=Path))
 @INDEX_OPTION
 @model_options
-@click.option(
-    "--metadata",
-    "metadata_csv",
-    type=click.Path(path_type=Path),
-    default=None,
-    help="CSV with a 'path' column (relative to the CSV) and any metadata columns.",
-)
-@click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True)
+@METADATA_OPTION
+@BATCH_OPTION
 @click.option("--strict", is_flag=True, help="Stop at the first unreadable image.")
 @click.option(
     "--skip-errors", is_flag=True, hidden=True, help="Kept for old scripts: now the default."
@@ -356,14 +358,8 @@ def build(
 @click.argument("folder", type=click.Path(path_type=Path))
 @INDEX_OPTION
 @model_options
-@click.option(
-    "--metadata",
-    "metadata_csv",
-    type=click.Path(path_type=Path),
-    default=None,
-    help="CSV with a 'path' column (relative to the CSV) and any metadata columns.",
-)
-@click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True)
+@METADATA_OPTION
+@BATCH_OPTION
 @click.option("--strict", is_flag=True, help="Stop at the first unreadable image.")
 @user_errors
 def sync(
@@ -390,14 +386,8 @@ def sync(
 @click.argument("paths", nargs=-1, required=True)
 @INDEX_OPTION
 @model_options
-@click.option(
-    "--metadata",
-    "metadata_csv",
-    type=click.Path(path_type=Path),
-    default=None,
-    help="CSV with a 'path' column (relative to the CSV) and any metadata columns.",
-)
-@click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True)
+@METADATA_OPTION
+@BATCH_OPTION
 @click.option("--skip-errors", is_flag=True, help="Leave unreadable images out (with a warning).")
 @user_errors
 def add(
