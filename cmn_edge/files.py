@@ -45,6 +45,16 @@ def is_special_file(path: str | os.PathLike) -> bool:
     return not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))
 
 
+def publish(temp: str | os.PathLike, target: str | os.PathLike) -> None:
+    """Make a finished temporary file ``target``, durably: fsync it, rename it over
+    ``target``, fsync the folder. For files a library writes by path (hnswlib's save,
+    SQLite's ``VACUUM INTO``); ``atomic_write`` does the same for a handle."""
+    with open(temp, "rb+") as handle:
+        os.fsync(handle.fileno())
+    os.replace(temp, target)
+    fsync_dir(Path(target).parent)
+
+
 @contextlib.contextmanager
 def atomic_write(
     path: str | os.PathLike, mode: str = "wb", *, durable: bool = True, **open_kwargs: Any
@@ -110,6 +120,7 @@ __all__ = [
     "file_sha256",
     "fsync_dir",
     "is_special_file",
+    "publish",
     "write_bytes_atomic",
     "write_text_atomic",
 ]

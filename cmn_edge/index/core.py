@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from ..explain import top_concepts
-from ..files import fsync_dir
+from ..files import fsync_dir, publish
 from . import items as db_items
 from .calibrate import REFIT_GROWTH, RETUNE_GROWTH, CalibrateMixin
 from .errors import ConceptError, ConceptIndexError, IndexCorruptError, ModelMismatchError
@@ -1042,10 +1042,7 @@ class ConceptIndex(PlanMixin, SearchMixin, CalibrateMixin):
                     dest.execute("PRAGMA journal_mode=WAL")
                 finally:
                     dest.close()
-                with open(tmp, "rb+") as handle:
-                    os.fsync(handle.fileno())
-                os.replace(tmp, target / DB_FILE)
-                fsync_dir(target)
+                publish(tmp, target / DB_FILE)
         except BaseException:
             with contextlib.suppress(OSError):
                 tmp.unlink()
@@ -1073,8 +1070,7 @@ class ConceptIndex(PlanMixin, SearchMixin, CalibrateMixin):
                 copy.execute("PRAGMA journal_mode=WAL")
             finally:
                 copy.close()
-            os.replace(tmp, target / DB_FILE)
-            fsync_dir(target)
+            publish(tmp, target / DB_FILE)
         except BaseException:
             with contextlib.suppress(OSError):
                 tmp.unlink()

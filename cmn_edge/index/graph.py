@@ -16,7 +16,7 @@ from pathlib import Path
 import hnswlib
 import numpy as np
 
-from ..files import file_sha256, fsync_dir
+from ..files import file_sha256, publish
 from .errors import IndexCorruptError
 
 
@@ -61,18 +61,15 @@ class Graph:
         tmp = path.with_name(f".{path.name}.tmp")
         try:
             self.hnsw.save_index(str(tmp))
-            with open(tmp, "rb+") as handle:
-                os.fsync(handle.fileno())
             digest, size = file_sha256(tmp), os.stat(tmp).st_size
             if size != self.hnsw.index_file_size():
                 # hnswlib does not check its writes: a full disk leaves a short file
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+            publish(tmp, path)
         except BaseException:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
             raise
-        os.replace(tmp, path)
-        fsync_dir(path.parent)
         return digest, size
 
     def __len__(self) -> int:
