@@ -47,12 +47,29 @@ def is_special_file(path: str | os.PathLike) -> bool:
 
 def publish(temp: str | os.PathLike, target: str | os.PathLike) -> None:
     """Make a finished temporary file ``target``, durably: fsync it, rename it over
-    ``target``, fsync the folder. For files a library writes by path (hnswlib's save,
-    SQLite's ``VACUUM INTO``); ``atomic_write`` does the same for a handle."""
+    ``target``, fsync the folder."""
     with open(temp, "rb+") as handle:
         os.fsync(handle.fileno())
     os.replace(temp, target)
     fsync_dir(Path(target).parent)
+
+
+@contextlib.contextmanager
+def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
+    """Yield a path beside ``target`` (not yet existing) for a library that writes by path
+    (hnswlib's save, SQLite's ``VACUUM INTO`` or backup); on success it is published over
+    ``target``, on any error removed. ``atomic_write`` is the same for a file handle."""
+    target = Path(target)
+    temp = target.with_name(f".{target.name}.tmp")
+    with contextlib.suppress(FileNotFoundError):
+        temp.unlink()  # debris of a killed earlier attempt: SQLite will not write over it
+    try:
+        yield temp
+        publish(temp, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            temp.unlink()
+        raise
 
 
 @contextlib.contextmanager
@@ -116,6 +133,7 @@ def file_sha256(path: str | os.PathLike) -> str:
 
 
 __all__ = [
+    "atomic_path",
     "atomic_write",
     "file_sha256",
     "fsync_dir",

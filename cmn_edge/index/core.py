@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from ..explain import top_concepts
-from ..files import fsync_dir, publish
+from ..files import atomic_path, fsync_dir
 from . import items as db_items
 from .calibrate import REFIT_GROWTH, RETUNE_GROWTH, CalibrateMixin
 from .errors import ConceptError, ConceptIndexError, IndexCorruptError, ModelMismatchError
@@ -1021,13 +1021,10 @@ class ConceptIndex(PlanMixin, SearchMixin, CalibrateMixin):
             return self._copy_to(target)
         self._fresh()
         target.mkdir(parents=True, exist_ok=True)
-        tmp = target / f".{DB_FILE}.tmp"
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        try:
-            with self._lock.write():
-                self._refresh_unlocked()
-                self._fold_unlocked(self._tail_rows_unlocked())
+        with self._lock.write():
+            self._refresh_unlocked()
+            self._fold_unlocked(self._tail_rows_unlocked())
+            with atomic_path(target / DB_FILE) as tmp:
                 dest = sqlite3.connect(str(tmp))
                 try:
                     with self._store.lock:
@@ -1042,11 +1039,6 @@ class ConceptIndex(PlanMixin, SearchMixin, CalibrateMixin):
                     dest.execute("PRAGMA journal_mode=WAL")
                 finally:
                     dest.close()
-                publish(tmp, target / DB_FILE)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
-            raise
         self._store.close()
         self._store = Store.open(target)
         self.path = target
@@ -1058,10 +1050,7 @@ class ConceptIndex(PlanMixin, SearchMixin, CalibrateMixin):
         """An on-disk index saved elsewhere: a copy of its database (``VACUUM INTO``) with a
         graph built there from it; this index stays where it is."""
         target.mkdir(parents=True, exist_ok=True)
-        tmp = target / f".{DB_FILE}.tmp"
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        try:
+        with atomic_path(target / DB_FILE) as tmp:
             with self._store.lock:
                 self._store.conn.execute("VACUUM INTO ?", (str(tmp),))
             copy = sqlite3.connect(str(tmp), isolation_level=None)
@@ -1070,11 +1059,6 @@ class ConceptIndex(PlanMixin, SearchMixin, CalibrateMixin):
                 copy.execute("PRAGMA journal_mode=WAL")
             finally:
                 copy.close()
-            publish(tmp, target / DB_FILE)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
-            raise
         copied = ConceptIndex.open(target)
         try:
             copied.checkpoint(compact=True, retune=False)

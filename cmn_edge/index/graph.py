@@ -8,7 +8,6 @@ that fails is never parsed, and the caller rebuilds the graph from the database 
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import os
 from pathlib import Path
@@ -16,7 +15,7 @@ from pathlib import Path
 import hnswlib
 import numpy as np
 
-from ..files import file_sha256, publish
+from ..files import atomic_path, file_sha256
 from .errors import IndexCorruptError
 
 
@@ -58,18 +57,12 @@ class Graph:
 
     def save(self, path: Path) -> tuple[str, int]:
         """Write to a temporary name, fsync, rename: (sha256, bytes) of the file."""
-        tmp = path.with_name(f".{path.name}.tmp")
-        try:
+        with atomic_path(path) as tmp:
             self.hnsw.save_index(str(tmp))
             digest, size = file_sha256(tmp), os.stat(tmp).st_size
             if size != self.hnsw.index_file_size():
                 # hnswlib does not check its writes: a full disk leaves a short file
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
-            publish(tmp, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
         return digest, size
 
     def __len__(self) -> int:
