@@ -138,12 +138,13 @@ class Embedder:
             return np.zeros((0, self.num_concepts), dtype=np.float32)
         return np.concatenate(chunks)
 
-    def _stream(self, images, batch_size: int, skip_errors: bool = False, errors=None):
-        """Decode in ``self.threads.decode`` threads while the model runs (``pipeline``)."""
+    def _stream(self, images, batch_size: int, skip_errors: bool = False, errors=None, infer=None):
+        """Decode in ``self.threads.decode`` threads while the model runs (``pipeline``);
+        ``infer`` maps a preprocessed batch to the outputs (default: the embeddings)."""
         return stream_batches(
             images,
             self.load,
-            lambda batch: self.embed_arrays(batch).embedding,
+            infer or (lambda batch: self.embed_arrays(batch).embedding),
             batch_size,
             self.threads.decode,
             skip_errors,
@@ -165,12 +166,10 @@ class Embedder:
                 f"it with `cmn-export regions {self.path}` (or re-export with cmn-export onnx)"
             )
 
-        def infer(batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-            embedding, regions = self.run(batch, (OUTPUT_EMBEDDING, OUTPUT_REGIONS))
-            return embedding, regions
+        def infer(batch: np.ndarray) -> list[np.ndarray]:
+            return self.run(batch, (OUTPUT_EMBEDDING, OUTPUT_REGIONS))
 
-        parts = [out for _, out in stream_batches(images, self.load, infer, batch_size,
-                                                   self.threads.decode)]  # fmt: skip
+        parts = [out for _, out in self._stream(images, batch_size, infer=infer)]
         if not parts:
             cells = self.metadata.region_grid[0] * self.metadata.region_grid[1]
             empty = np.zeros((0, self.num_concepts), np.float32)

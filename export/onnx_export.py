@@ -59,9 +59,13 @@ def write_metadata(onnx_model: onnx.ModelProto, metadata: ModelMetadata) -> None
 
 
 def read_metadata(path: str | Path) -> ModelMetadata:
-    onnx_model = onnx.load(str(path), load_external_data=False)
+    return model_metadata(onnx.load(str(path), load_external_data=False), str(path))
+
+
+def model_metadata(onnx_model: onnx.ModelProto, source: str = "model") -> ModelMetadata:
+    """The metadata of a graph already in memory (``read_metadata`` loads it first)."""
     props = {p.key: p.value for p in onnx_model.metadata_props}
-    return ModelMetadata.from_props(props, str(path))
+    return ModelMetadata.from_props(props, source)
 
 
 def static_same_padding(module: nn.Module, size: int) -> int:

@@ -213,8 +213,12 @@ def float_plan(model: onnx.ModelProto, options: QuantizeOptions) -> FloatPlan:
             for n in nodes_after(graph, feature)
             if n.name not in skip and not quantized_in_head(n)
         ]
-    # The structural-matching output (pooling and normalising cosines) always stays float.
-    head_nodes += [n.name for n in graph.node if n.name.startswith(REGION_NODE_PREFIX)]
+    # The structural-matching output (pooling and normalising cosines) always stays float;
+    # with float_head most of its nodes are listed already.
+    listed = set(head_nodes)
+    head_nodes += [
+        n.name for n in graph.node if n.name.startswith(REGION_NODE_PREFIX) and n.name not in listed
+    ]
     present = {n.op_type for n in graph.node}
     op_types = sorted(present - set(options.float_op_types))
     return FloatPlan(feature, shape_nodes, head_nodes, op_types)

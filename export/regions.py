@@ -142,10 +142,10 @@ def add_region_output_to_file(
     """``cmn-export regions``: an older FP32 or INT8 file gains the output, nothing else."""
     from cmn_edge.files import atomic_write
 
-    from .onnx_export import read_metadata, write_metadata
+    from .onnx_export import model_metadata, write_metadata
 
     model = onnx.load(str(path))
-    upgraded, metadata = add_region_output(model, read_metadata(path), grid)
+    upgraded, metadata = add_region_output(model, model_metadata(model, str(path)), grid)
     write_metadata(upgraded, metadata)
     onnx.checker.check_model(upgraded)
     with atomic_write(out) as handle:
