@@ -564,3 +564,15 @@ def test_real_photos_gallery(tmp_path, embedder, labelled_folder, photos):
     assert [h.id for h in loaded.search(query, 5, exclude=[0, 1])] == [
         h.id for h in idx.search(query, 5, exclude=[0, 1])
     ]
+
+
+def test_index_remembers_the_precision_its_embedder_loaded(tmp_path, embedder_fp32, photos):
+    from cmn_edge import Index
+
+    created = Index.create(tmp_path / "idx", embedder=embedder_fp32)
+    created.add([photos["cat"]])
+    reopened = Index.open(tmp_path / "idx")
+    assert reopened.index.precision == "fp32"
+    assert reopened.embedder.precision == "fp32"  # the same file, so the same model id
+    assert reopened.embedder.model_id == embedder_fp32.model_id
+    assert reopened.search(photos["cat"], k=1)[0].path.endswith("cat.jpg")

@@ -91,7 +91,7 @@ class Index:
         embedder=None,
         *,
         model: str | None = None,
-        precision: str = "int8",
+        precision: str = "auto",
         threads: int | None = None,
         **params,
     ) -> Index:
@@ -102,7 +102,9 @@ class Index:
 
             embedder = Embedder(model, precision=precision, threads=threads)
         ref = model_ref(model) if model is not None else getattr(embedder, "model_ref", None)
-        index = ConceptIndex.for_embedder(embedder, model_ref=ref, precision=precision, **params)
+        # the precision the embedder loaded ("auto" resolved), so reopening loads that file
+        loaded = getattr(embedder, "precision", None) or precision
+        index = ConceptIndex.for_embedder(embedder, model_ref=ref, precision=loaded, **params)
         index.save(path)
         return cls(index, embedder, threads)
 
