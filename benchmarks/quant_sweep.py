@@ -32,6 +32,7 @@ from cmn_edge import preprocess as pp  # noqa: E402
 from cmn_edge.cpu import X64_QUANT_PRECISION, this_cpu  # noqa: E402
 from cmn_edge.dataset import load_samples  # noqa: E402
 from cmn_edge.metadata import INPUT_NAME, OUTPUT_EMBEDDING  # noqa: E402
+from cmn_edge.metrics import retrieval_metrics  # noqa: E402
 from cmn_edge.registry import resolve_model_path  # noqa: E402
 from cmn_export.onnx_export import read_metadata  # noqa: E402
 from cmn_export.quantize import QuantizeOptions, quantize  # noqa: E402
@@ -58,12 +59,6 @@ def embed(sess: ort.InferenceSession, images: np.ndarray) -> np.ndarray:
     out = [sess.run([OUTPUT_EMBEDDING], {INPUT_NAME: images[i : i + 32]})[0] for i in
            range(0, len(images), 32)]  # fmt: skip
     return np.concatenate(out)
-
-
-def recall_at_1(emb: np.ndarray, labels: np.ndarray) -> float:
-    sims = emb @ emb.T
-    np.fill_diagonal(sims, -np.inf)
-    return float((labels[sims.argmax(1)] == labels).mean() * 100)
 
 
 def main() -> None:
@@ -100,11 +95,11 @@ def main() -> None:
         images = np.stack([pp.load(s.path, meta.preprocess) for s in samples])
         labels = np.array([s.label for s in samples])
         ref = embed(variants["fp32"], images)
-        r1_ref = recall_at_1(ref, labels)
+        r1_ref = retrieval_metrics(ref, labels, ks=(1,))["R@1"]
         for name, sess in variants.items():
             emb = ref if name == "fp32" else embed(sess, images)
             cos = (emb * ref).sum(1) / np.linalg.norm(emb, axis=1) / np.linalg.norm(ref, axis=1)
-            r1 = recall_at_1(emb, labels)
+            r1 = retrieval_metrics(emb, labels, ks=(1,))["R@1"]
             print(f"{name:44} {root.name:10} {cos.mean():8.4f} {cos.min():8.4f} {r1:6.2f} "
                   f"{r1_ref - r1:6.2f}", flush=True)  # fmt: skip
 
