@@ -20,6 +20,7 @@ batch by batch, so an interrupted one resumes where it stopped when run again.
       "results": [
         {"rank": 1, "id": 4, "score": 0.93, "path": "/abs/cat.jpg",
          "metadata": {"label": "cat"},
+         "score_global": 0.81, "score_structural": 0.12,  # only with --rerank structural
          "top_concepts": [                  # only with --explain
            {"index": 12, "name": "beak", "contribution": 0.05, "share": 0.06}]}
       ]
@@ -28,6 +29,13 @@ batch by batch, so an interrupted one resumes where it stopped when run again.
 ``score`` is the masked inner product ``(q * w) . g`` (the cosine when no control is given),
 or with ``--renormalize`` the cosine over the kept concepts. A concept's ``contribution`` is
 its term of that score (they sum to it) and ``share`` is contribution / score.
+
+With ``--rerank structural`` (DIML) the best ``--rerank-depth`` candidates of that search
+are re-ordered by ``score = score_global + score_structural``, where ``score_global`` is
+the score above and ``score_structural`` the optimal-transport match of the two images'
+region maps under the same concept weights (``"rerank": {"kind": ..., "depth": ...}`` is
+then part of the object). The index must keep region maps (``index build --regions``, or
+``index regions`` for an existing index).
 
 ``k`` larger than the searchable gallery lists all there is, with a note on stderr; a
 ``--where`` filter may match fewer than k items, and then fewer are listed (with a note).
@@ -48,6 +56,7 @@ import numpy as np
 from .cli_common import CliError, model_options, user_errors
 from .embedder import Embedder, list_images
 from .index import ConceptIndex, ConceptIndexError, Index, embedder_for_index, is_index_dir
+from .index.rerank import DEFAULT_DEPTH, RERANK_CHOICES
 
 INDEX_OPTION = click.option(
     "--index",
@@ -139,22 +148,32 @@ def _progress_bar(label: str):
 
 
 def _embed_paths(
-    embedder: Embedder, paths: list[Path], batch_size: int, skip_errors: bool
-) -> tuple[list[Path], list]:
+    embedder: Embedder,
+    paths: list[Path],
+    batch_size: int,
+    skip_errors: bool,
+    regions: bool = False,
+) -> tuple[list[Path], np.ndarray, np.ndarray | None]:
+    """(readable paths, their embeddings, their region maps when ``regions``)."""
     errors: list[tuple[Path, str]] = []
     kept: list[Path] = []
-    chunks = []
+    chunks, maps = [], []
+    stream = embedder.iter_regions if regions else embedder.iter_paths
     with _progress_bar("Embedding") as bar:
         bar.length = len(paths)
         for chunk_start in range(0, len(paths), batch_size):
             chunk = paths[chunk_start : chunk_start + batch_size]
-            for batch_paths, emb in embedder.iter_paths(chunk, batch_size, skip_errors, errors):
+            for batch_paths, out in stream(chunk, batch_size, skip_errors, errors):
                 kept += batch_paths
-                chunks.append(emb)
+                chunks.append(out[0] if regions else out)
+                if regions:
+                    maps.append(out[1])
             bar.update(len(chunk))
     for path, reason in errors:
         _warn(f"skipped {reason}" if str(path) in reason else f"skipped {path}: {reason}")
-    return kept, chunks
+    if not kept:
+        return kept, np.zeros((0, embedder.num_concepts), np.float32), None
+    return kept, np.concatenate(chunks), np.concatenate(maps) if regions else None
 
 
 def _expand(paths: tuple[str, ...]) -> list[Path]:
@@ -253,6 +272,11 @@ def index() -> None:
 )
 @click.option("--no-calibrate", is_flag=True, help="Keep --ef as given.")
 @click.option("--force", is_flag=True, help="Replace an index already in --index.")
+@click.option(
+    "--regions",
+    is_flag=True,
+    help="Keep each image's region maps for `search --rerank structural` (16 KiB an image).",
+)
 @user_errors
 def build(
     folder: Path,
@@ -271,6 +295,7 @@ def build(
     graph_dims,
     no_calibrate,
     force,
+    regions,
 ) -> None:
     """Embed every image below FOLDER into a new index.
 
@@ -311,6 +336,7 @@ def build(
             ef=ef,
             exact_below=exact_below,
             graph_dims=graph_dims or None,
+            regions=regions,
         )
         with idx.index._store.write():
             idx.index._store.set_info("building", str(folder.resolve()))
@@ -400,12 +426,14 @@ def add(
     if not files:
         raise CliError(f"{paths[0]}: no images found")
     metadata = _read_metadata_csv(metadata_csv) if metadata_csv else {}
-    kept, chunks = _embed_paths(embedder, files, batch_size, skip_errors)
+    kept, vectors, maps = _embed_paths(
+        embedder, files, batch_size, skip_errors, regions=idx.keeps_regions
+    )
     if not kept:
         raise CliError(f"{paths[0]}: no readable images")
     resolved = [str(p.resolve()) for p in kept]
     before = len(idx)
-    idx.add(np.concatenate(chunks), resolved, [metadata.get(p) for p in resolved])
+    idx.add(vectors, resolved, [metadata.get(p) for p in resolved], regions=maps)
     added = len(idx) - before
     click.echo(f"added {added}, updated {len(kept) - added}; {len(idx)} items in {index_dir}")
 
@@ -464,6 +492,16 @@ def info(index_dir: Path, as_json: bool) -> None:
     )
     if manifest["root"]:
         click.echo(f"root:      {manifest['root']}")
+    kept = manifest["regions"]
+    click.echo(
+        "regions:   "
+        + (
+            f"{kept['grid'][0]}x{kept['grid'][1]} {kept['dtype']} maps, "
+            f"{kept['bytes'] / 2**20:.1f} MiB (structural re-ranking)"
+            if kept
+            else "none (`cmn-edge index regions` adds them)"
+        )
+    )
     click.echo(f"metadata:  {', '.join(manifest['metadata_keys']) or '(none)'}")
     for i, name in manifest["concept_names"].items():
         click.echo(f"  concept {i}: {name}")
@@ -503,6 +541,36 @@ def verify(index_dir: Path) -> None:
     if problems:
         raise CliError(f"{index_dir}: {len(problems)} problem(s) found (listed above)")
     click.echo(f"{index_dir}: ok")
+
+
+@index.command("regions")
+@INDEX_OPTION
+@model_options
+@BATCH_OPTION
+@user_errors
+def regions(index_dir: Path, model, precision, threads, batch_size) -> None:
+    """Add region maps to an index built without them (for `search --rerank structural`):
+    each item's image is embedded again. Items whose file cannot be read are listed and the
+    index is left as it was; run again once they are back (or removed) to finish."""
+    idx = Index.open(index_dir)
+    if idx.keeps_regions:
+        click.echo(f"{index_dir} already keeps region maps for all {len(idx)} items")
+        return
+    idx._embedder = _embedder_for(idx.index, model, precision, threads)
+    with _progress_bar("Embedding regions") as bar:
+
+        def plan(n: int) -> None:
+            bar.length = n
+
+        unreadable = idx.add_regions(batch_size, progress=bar.update, plan=plan)
+    for path, reason in unreadable:
+        _warn(f"skipped {path}: {reason}")
+    if unreadable:
+        raise CliError(
+            f"{index_dir}: {len(unreadable)} item(s) could not be read (listed above); "
+            "restore or `cmn-edge index remove` them, then run `index regions` again"
+        )
+    click.echo(f"{index_dir}: region maps kept for all {len(idx)} items")
 
 
 @index.command("name-concept")
@@ -550,6 +618,19 @@ def name_concept(index_dir: Path, concept: str, name: str | None, clear: bool) -
 @click.option("--json", "as_json", is_flag=True, help="Print the documented JSON shape.")
 @click.option("--explain", is_flag=True, help="Show each hit's top contributing concepts.")
 @click.option("--explain-top", type=click.IntRange(1), default=5, show_default=True)
+@click.option(
+    "--rerank",
+    type=click.Choice(RERANK_CHOICES),
+    default=None,
+    help="Re-order the best --rerank-depth by DIML's structural match of region maps.",
+)
+@click.option(
+    "--rerank-depth",
+    type=click.IntRange(1),
+    default=DEFAULT_DEPTH,
+    show_default=True,
+    help="Candidates re-ranked (clamped to the gallery; at least -k).",
+)
 @model_options
 @user_errors
 def search(
@@ -565,6 +646,8 @@ def search(
     as_json,
     explain,
     explain_top,
+    rerank,
+    rerank_depth,
     model,
     precision,
     threads,
@@ -588,6 +671,8 @@ def search(
         where=filters or None,
         exact=exact,
         explain=explain_top if explain else 0,
+        rerank=rerank,
+        rerank_depth=rerank_depth,
     )
     query_id = None
     raw = query[3:] if query.startswith("id:") else query
@@ -597,7 +682,14 @@ def search(
         query_id = int(raw)
         if query_id not in idx:
             raise CliError(f"{query}: no item with id {query_id} in {index_dir}")
-        hits = idx.search(idx.index.embedding(query_id), k, exclude_ids={query_id}, **controls)
+        stored_maps = idx.index.regions_of(query_id) if rerank else None
+        hits = idx.search(
+            idx.index.embedding(query_id),
+            k,
+            exclude_ids={query_id},
+            query_regions=stored_maps,
+            **controls,
+        )
     else:
         if not os.path.exists(query):
             raise FileNotFoundError(f"{query}: no such image file (for an indexed item: id:N)")
@@ -623,6 +715,7 @@ def search(
                 "k": k,
                 "exact": exact,
                 "control": control,
+                **({"rerank": {"kind": rerank, "depth": rerank_depth}} if rerank else {}),
                 "results": [h.to_dict() for h in hits],
             }
         )
@@ -631,6 +724,10 @@ def search(
     for hit in hits:
         meta = " ".join(f"{key}={value}" for key, value in hit.metadata.items())
         click.echo(f"{hit.rank:3d}  {hit.score:7.4f}  #{hit.id:<6d} {hit.path}  {meta}".rstrip())
+        if hit.score_structural is not None:
+            click.echo(
+                f"       global {hit.score_global:.4f} + structural {hit.score_structural:.4f}"
+            )
         if hit.top_concepts:
             parts = []
             for c in hit.top_concepts:

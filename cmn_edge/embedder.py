@@ -39,6 +39,7 @@ class Embeddings:
     embedding: np.ndarray  # [N, C] float32, unit rows
     scores: np.ndarray | None = None  # [N, C] raw concept cosines
     attention: np.ndarray | None = None  # [N, C, h, w], each map sums to 1
+    regions: np.ndarray | None = None  # [N, R, C] region features, unit rows
 
 
 class Embedder:
@@ -112,18 +113,26 @@ class Embedder:
         return self.embed_arrays(batch, with_scores, with_attention)
 
     def embed_arrays(
-        self, batch: np.ndarray, with_scores: bool = False, with_attention: bool = False
+        self,
+        batch: np.ndarray,
+        with_scores: bool = False,
+        with_attention: bool = False,
+        with_regions: bool = False,
     ) -> Embeddings:
         names = [OUTPUT_EMBEDDING]
         if with_scores:
             names.append(OUTPUT_SCORES)
         if with_attention:
             names.append(OUTPUT_ATTENTION)
+        if with_regions:
+            self._check_regions()
+            names.append(OUTPUT_REGIONS)
         values = dict(zip(names, self.run(batch, names)))
         return Embeddings(
             embedding=values[OUTPUT_EMBEDDING],
             scores=values.get(OUTPUT_SCORES),
             attention=values.get(OUTPUT_ATTENTION),
+            regions=values.get(OUTPUT_REGIONS),
         )
 
     def embed(
@@ -160,21 +169,34 @@ class Embedder:
         self, images: Iterable[pp.ImageInput], batch_size: int = 32
     ) -> tuple[np.ndarray, np.ndarray]:
         """Global embeddings [N, C] and region features [N, R, C], from one forward pass."""
-        if not self.has_regions:
-            raise ModelError(
-                f"{self.path}: this model has no region output for structural matching; add "
-                f"it with `cmn-export regions {self.path}` (or re-export with cmn-export onnx)"
-            )
-
-        def infer(batch: np.ndarray) -> list[np.ndarray]:
-            return self.run(batch, (OUTPUT_EMBEDDING, OUTPUT_REGIONS))
-
-        parts = [out for _, out in self._stream(images, batch_size, infer=infer)]
+        parts = [out for _, out in self.iter_regions(images, batch_size)]
         if not parts:
             cells = self.metadata.region_grid[0] * self.metadata.region_grid[1]
             empty = np.zeros((0, self.num_concepts), np.float32)
             return empty, np.zeros((0, cells, self.num_concepts), np.float32)
         return np.concatenate([e for e, _ in parts]), np.concatenate([r for _, r in parts])
+
+    def iter_regions(
+        self,
+        images: Iterable[pp.ImageInput],
+        batch_size: int = 32,
+        skip_errors: bool = False,
+        errors: list | None = None,
+    ) -> Iterator[tuple[list, tuple[np.ndarray, np.ndarray]]]:
+        """(images, (embeddings, region features)) batches, as :meth:`iter_paths` streams."""
+        self._check_regions()
+
+        def infer(batch: np.ndarray) -> list[np.ndarray]:
+            return self.run(batch, (OUTPUT_EMBEDDING, OUTPUT_REGIONS))
+
+        yield from self._stream(images, batch_size, skip_errors, errors, infer=infer)
+
+    def _check_regions(self) -> None:
+        if not self.has_regions:
+            raise ModelError(
+                f"{self.path}: this model has no region output for structural matching; add "
+                f"it with `cmn-export regions {self.path}` (or re-export with cmn-export onnx)"
+            )
 
     def explain(self, image: pp.ImageInput) -> Embeddings:
         """Embedding, raw concept scores and attention maps of one image."""

@@ -9,6 +9,7 @@ import pytest
 
 from cmn_edge import Embedder
 from cmn_edge.embedder import ModelError
+from cmn_edge.index import Index
 from cmn_edge.metrics import retrieval_metrics
 from cmn_edge.registry import resolve_model_path
 from cmn_edge.structural import (
@@ -118,6 +119,9 @@ def test_an_old_file_says_how_to_add_regions_and_the_upgrade_keeps_outputs(tmp_p
     legacy = Embedder(old, threads=2)
     with pytest.raises(ModelError, match="cmn-export regions"):
         legacy.embed_regions([photos["cat"]])
+    with pytest.raises(ModelError, match="cmn-export regions"):
+        Index.create(tmp_path / "kept.idx", legacy, regions=True)
+    assert not (tmp_path / "kept.idx").exists()
     result = CliRunner().invoke(main, ["regions", str(old), "--out", str(tmp_path / "new.onnx")])
     assert result.exit_code == 0, result.output
     upgraded = Embedder(tmp_path / "new.onnx", threads=2)

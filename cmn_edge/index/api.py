@@ -8,6 +8,10 @@
     hits = index.search("query.jpg", k=5, exclude=["background"], where={"label": "cat"})
     index.remove(["a.jpg"])
 
+    # DIML's structural re-ranking needs region maps: Index.create(..., regions=True), or
+    # index.add_regions() for an index built without them
+    hits = index.search("query.jpg", k=5, rerank="structural", rerank_depth=100)
+
 Every change is committed when the call returns; any number of processes may search the
 same index while one adds to it.
 """
@@ -23,6 +27,8 @@ import numpy as np
 from .core import ConceptIndex, Hit
 from .errors import ConceptIndexError
 from .plan import ConceptRef
+from .regions import RegionsError
+from .rerank import DEFAULT_DEPTH
 from .sync import SyncReport, sync_folder
 
 
@@ -93,18 +99,25 @@ class Index:
         model: str | None = None,
         precision: str = "auto",
         threads: int | None = None,
+        regions: bool = False,
         **params,
     ) -> Index:
         """A new index in a new or empty directory, bound to ``embedder``'s model (or to
-        ``model``/``precision``, loaded now). ``params``: see :class:`ConceptIndex`."""
+        ``model``/``precision``, loaded now). ``regions``: keep every item's region maps for
+        structural re-ranking (16 KiB an item for the bundled model). ``params``: see
+        :class:`ConceptIndex`."""
         if embedder is None:
             from ..embedder import Embedder
 
             embedder = Embedder(model, precision=precision, threads=threads)
+        if regions:
+            embedder._check_regions()
         ref = model_ref(model) if model is not None else getattr(embedder, "model_ref", None)
         # the precision the embedder loaded ("auto" resolved), so reopening loads that file
         loaded = getattr(embedder, "precision", None) or precision
         index = ConceptIndex.for_embedder(embedder, model_ref=ref, precision=loaded, **params)
+        if regions:
+            index.keep_regions(embedder.metadata.region_grid)
         index.save(path)
         return cls(index, embedder, threads)
 
@@ -180,23 +193,38 @@ class Index:
     def embedding(self, item_id: int) -> np.ndarray:
         return self.index.embedding(item_id)
 
+    @property
+    def keeps_regions(self) -> bool:
+        """Whether this index keeps region maps (structural re-ranking works)."""
+        return self.index.region_grid is not None
+
     # ------------------------------------------------------------------ changes
-    def _embed(self, items) -> np.ndarray:
+    def _embed(self, items) -> tuple[np.ndarray, np.ndarray | None]:
+        """(vectors, region maps where the index keeps them) of images; floats pass as is."""
         array = np.asarray(items) if not isinstance(items, (str, os.PathLike)) else None
         if array is not None and array.dtype.kind == "f":
-            return array
-        return self.embedder.embed(items)
+            return array, None
+        if self.keeps_regions:
+            if isinstance(items, (str, os.PathLike)):
+                items = [items]
+            return self.embedder.embed_regions(items)
+        return self.embedder.embed(items), None
 
     def add(
         self,
         vectors_or_images,
         paths: Sequence[str | os.PathLike | None] | None = None,
         metadata: Sequence[Mapping[str, object] | None] | None = None,
+        *,
+        regions: np.ndarray | None = None,
     ) -> list[int]:
         """Add embeddings ([N, C] floats) or images (paths, embedded here); committed when
         this returns. A path already indexed updates that item. Image paths are the paths
-        stored unless ``paths`` says otherwise."""
-        vectors = self._embed(vectors_or_images)
+        stored unless ``paths`` says otherwise. Embeddings added to an index that keeps
+        region maps come with their ``regions`` [N, R, C]; images bring their own."""
+        vectors, embedded_regions = self._embed(vectors_or_images)
+        if embedded_regions is not None:
+            regions = embedded_regions
         if paths is None and not isinstance(vectors_or_images, np.ndarray):
             given = vectors_or_images
             if isinstance(given, (str, os.PathLike)):
@@ -206,7 +234,38 @@ class Index:
         stored = (
             None if paths is None else [None if p is None else self._stored_path(p) for p in paths]
         )
-        return self.index.add(vectors, stored, metadata)
+        return self.index.add(vectors, stored, metadata, regions=regions)
+
+    def add_regions(self, batch_size: int = 32, progress=None, plan=None) -> list[tuple[str, str]]:
+        """Give an index built without region maps its maps, by re-embedding each item's
+        file; structural re-ranking works once every item has them. Returns the items that
+        could not be read, as (path, reason); while there are any, the index stays as it was
+        (the maps written so far are kept, so a second run after fixing them resumes)."""
+        self.embedder._check_regions()
+        grid = self.embedder.metadata.region_grid
+        todo = self.index.items_without_regions()
+        if plan is not None:
+            plan(len(todo))
+        described = self.index._describe(todo)
+        unreadable: list[tuple[str, str]] = []
+        files, ids = [], []
+        for item_id in todo:
+            stored = described.get(item_id, (None, {}))[0]
+            if stored is None:
+                unreadable.append((f"id {item_id}", "added as a vector, with no image path"))
+            else:
+                files.append(Path(self.full_path(stored)))
+                ids.append(item_id)
+        errors: list[tuple[Path, str]] = []
+        by_path = {str(f): i for f, i in zip(files, ids)}
+        for batch, (_, maps) in self.embedder.iter_regions(files, batch_size, True, errors):
+            self.index.put_regions([by_path[str(f)] for f in batch], maps, grid)
+            if progress is not None:
+                progress(len(batch))
+        unreadable += [(str(f), reason) for f, reason in errors]
+        if not unreadable:
+            self.index.keep_regions(grid)
+        return unreadable
 
     def remove(self, items: Iterable[int | str | os.PathLike]) -> int:
         """Remove items given by id or by path (a deleted file's path still works)."""
@@ -249,13 +308,23 @@ class Index:
         exact: bool = False,
         exclude_ids: Iterable[int] = (),
         explain: int = 0,
+        rerank: str | None = None,
+        rerank_depth: int = DEFAULT_DEPTH,
+        query_regions: np.ndarray | None = None,
     ) -> list[Hit]:
         """The k best items for an embedding ([C] floats) or an image (path or PIL image).
 
         Fewer come back when the gallery or ``where`` holds fewer. Hit paths are file paths.
+        ``rerank="structural"``: DIML's re-ranking of the best ``rerank_depth`` (an image
+        query brings its region maps; an embedding needs ``query_regions`` [R, C]).
         """
         if isinstance(query, np.ndarray) and query.dtype.kind == "f":
             vector = query
+        elif rerank is not None:
+            if not self.keeps_regions:  # say so before embedding anything
+                self.index._query_regions(None)
+            vectors, maps = self.embedder.embed_regions([query])
+            vector, query_regions = vectors[0], maps[0]
         else:
             vector = self.embedder.embed([query])[0]
         hits = self.index.search(
@@ -269,14 +338,11 @@ class Index:
             exact=exact,
             exclude_ids=exclude_ids,
             explain=explain,
+            rerank=rerank,
+            rerank_depth=rerank_depth,
+            query_regions=query_regions,
         )
-        return [_with_path(h, self.full_path(h.path)) for h in hits]
+        return [h.with_path(self.full_path(h.path)) for h in hits]
 
 
-def _with_path(hit: Hit, path: str | None) -> Hit:
-    if path == hit.path:
-        return hit
-    return Hit(hit.rank, hit.id, hit.score, path, hit.metadata, hit.top_concepts)
-
-
-__all__ = ["Index", "SyncReport", "embedder_for_index", "model_ref"]
+__all__ = ["Index", "RegionsError", "SyncReport", "embedder_for_index", "model_ref"]

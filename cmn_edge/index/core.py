@@ -14,6 +14,7 @@ process without re-reading the index.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import os
 import shutil
@@ -27,12 +28,14 @@ import numpy as np
 from ..explain import top_concepts
 from ..files import atomic_path, fsync_dir
 from . import items as db_items
+from . import regions as db_regions
 from .calibrate import REFIT_GROWTH, RETUNE_GROWTH, CalibrateMixin
 from .errors import ConceptError, ConceptIndexError, IndexCorruptError, ModelMismatchError
 from .graph import Graph
 from .lock import RWLock
 from .plan import ConceptRef, Plan, PlanMixin, check_concept_name
 from .projection import Projection
+from .rerank import DEFAULT_DEPTH, check_rerank, structural_rerank
 from .search import SearchMixin
 from .store import (
     DB_FILE,
@@ -81,6 +84,9 @@ class Hit:
     path: str | None
     metadata: dict[str, str]
     top_concepts: list[dict] | None = None
+    #: with structural re-ranking: ``score`` is their sum (DIML's re-ranking score)
+    score_global: float | None = None
+    score_structural: float | None = None
 
     def to_dict(self) -> dict:
         out = {
@@ -90,9 +96,15 @@ class Hit:
             "path": self.path,
             "metadata": dict(self.metadata),
         }
+        if self.score_structural is not None:
+            out["score_global"] = self.score_global
+            out["score_structural"] = self.score_structural
         if self.top_concepts is not None:
             out["top_concepts"] = self.top_concepts
         return out
+
+    def with_path(self, path: str | None) -> Hit:
+        return self if path == self.path else dataclasses.replace(self, path=path)
 
 
 class ConceptIndex(PlanMixin, SearchMixin, CalibrateMixin):
@@ -696,14 +708,17 @@ class ConceptIndex(PlanMixin, SearchMixin, CalibrateMixin):
         *,
         num_threads: int = -1,
         stamps: Sequence[tuple[int, int, str | None] | None] | None = None,
+        regions: np.ndarray | None = None,
     ) -> list[int]:
         """Add items; a path already in the index updates that item instead (one item a path).
 
         Returns the item ids, in input order. Metadata values are stored as strings. On an
-        on-disk index the batch is one committed transaction when this returns.
+        on-disk index the batch is one committed transaction when this returns. An index
+        that keeps region maps needs ``regions`` [N, R, C] (``Embedder.embed_regions``).
         """
         vectors = self._vectors(embeddings)
         n = len(vectors)
+        maps = self._region_maps(regions, n)
         paths = [None] * n if paths is None else [None if p is None else str(p) for p in paths]
         metadata = [None] * n if metadata is None else list(metadata)
         if len(paths) != n or len(metadata) != n:
@@ -730,6 +745,8 @@ class ConceptIndex(PlanMixin, SearchMixin, CalibrateMixin):
                     state["next_id"] += 1
             state["seq"] += 1
             db_items.write_items(conn, state["seq"], ids, paths, vectors, clean_meta, stamps)
+            if maps is not None:
+                db_regions.write(conn, ids, maps)
             state["count"] += sum(1 for p in paths if p is None or p not in existing)
             state["tail"] += n
             self._store.set_info("state", state)
@@ -743,9 +760,13 @@ class ConceptIndex(PlanMixin, SearchMixin, CalibrateMixin):
         *,
         path: str | os.PathLike | None = None,
         metadata: Mapping[str, object] | None = None,
+        regions: np.ndarray | None = None,
     ) -> None:
-        """Replace an item's embedding, path and/or metadata (None leaves a field as it is)."""
+        """Replace an item's embedding, path and/or metadata (None leaves a field as it is).
+
+        A new embedding in an index that keeps region maps comes with its ``regions``."""
         vector = None if embedding is None else self._vectors(embedding)
+        maps = None if vector is None else self._region_maps(regions, 1)
         clean = db_items.clean_metadata(metadata, self._where()) if metadata is not None else None
         with self._lock.write(), self._store.write() as conn:
             row = conn.execute("SELECT 1 FROM items WHERE id = ?", (int(item_id),)).fetchone()
@@ -758,6 +779,8 @@ class ConceptIndex(PlanMixin, SearchMixin, CalibrateMixin):
                 conn.execute(
                     "UPDATE vectors SET vec = ? WHERE id = ?", (vector[0].tobytes(), int(item_id))
                 )
+                if maps is not None:
+                    db_regions.write(conn, [int(item_id)], maps)
                 state["tail"] += 1
             if path is not None:
                 try:
@@ -785,10 +808,66 @@ class ConceptIndex(PlanMixin, SearchMixin, CalibrateMixin):
             state = self._state()
             state["seq"] += 1
             db_items.remove_items(conn, state["seq"], item_ids)
+            db_regions.remove(conn, item_ids)
             state["count"] -= len(item_ids)
             state["tail"] += len(item_ids)
             self._store.set_info("state", state)
         self._after_write()
+
+    # ------------------------------------------------------------------ region maps
+    @property
+    def region_grid(self) -> tuple[int, int] | None:
+        """(rows, columns) of the region maps this index keeps, or None (see :mod:`.regions`)."""
+        grid = self._store.get_info(db_regions.INFO_KEY)
+        return None if grid is None else (int(grid[0]), int(grid[1]))
+
+    def _region_maps(self, regions: np.ndarray | None, n: int) -> np.ndarray | None:
+        grid = self.region_grid
+        if grid is None:
+            if regions is not None:
+                raise db_regions.RegionsError(
+                    f"{self._where()}: this index keeps no region maps; "
+                    + db_regions.how_to_add(self._where())
+                )
+            return None
+        if regions is None:
+            raise db_regions.RegionsError(
+                f"{self._where()}: this index keeps region maps for structural re-ranking; "
+                "add images (the Index API embeds them) or pass regions= "
+                f"[N, {grid[0] * grid[1]}, {self.num_concepts}]"
+            )
+        return db_regions.check_shape(regions, n, grid, self.num_concepts, self._where())
+
+    def items_without_regions(self) -> list[int]:
+        with self._store.lock:
+            return db_regions.ids_without(self._store.conn)
+
+    def put_regions(self, item_ids: Sequence[int], regions: np.ndarray, grid: tuple[int, int]):
+        """Store region maps of existing items (one transaction); the index keeps using them
+        only once :meth:`keep_regions` found every item mapped."""
+        current = self.region_grid
+        if current is not None and tuple(grid) != current:
+            raise db_regions.RegionsError(
+                f"{self._where()}: keeps {current[0]}x{current[1]} region maps, not "
+                f"{grid[0]}x{grid[1]}"
+            )
+        maps = db_regions.check_shape(
+            regions, len(item_ids), tuple(grid), self.num_concepts, self._where()
+        )
+        with self._store.write() as conn:
+            db_regions.write(conn, [int(i) for i in item_ids], maps)
+
+    def keep_regions(self, grid: tuple[int, int]) -> None:
+        """From now on, keep region maps: every item must have one already (put_regions)."""
+        with self._store.write() as conn:
+            conn.execute(db_regions.TABLE)
+            missing = db_regions.ids_without(conn)
+            if missing:
+                raise db_regions.RegionsError(
+                    f"{self._where()}: {len(missing)} item(s) have no region maps yet "
+                    f"(first: id {missing[0]})"
+                )
+            self._store.set_info(db_regions.INFO_KEY, [int(grid[0]), int(grid[1])])
 
     # ------------------------------------------------------------------ lookups
     def id_for_path(self, path: str | os.PathLike) -> int | None:
@@ -898,19 +977,42 @@ class ConceptIndex(PlanMixin, SearchMixin, CalibrateMixin):
         exact: bool = False,
         exclude_ids: Iterable[int] = (),
         explain: int = 0,
+        rerank: str | None = None,
+        rerank_depth: int = DEFAULT_DEPTH,
+        query_regions: np.ndarray | None = None,
     ) -> list[Hit]:
         """The k best items for one query embedding, under the given concept controls.
 
         Fewer than k come back when the gallery (or a ``where`` filter) holds fewer.
         ``explain`` > 0 attaches that many top contributing concepts to every hit.
+        ``rerank="structural"`` re-orders the best ``max(k, rerank_depth)`` by DIML's
+        ``s_global + s_struct`` (needs ``query_regions`` [R, C] and an index that keeps
+        region maps); each hit then carries both parts of its score.
         """
         q = self._query_vector(query)
+        check_rerank(rerank, rerank_depth)
+        q_regions = None
+        if rerank is not None:
+            q_regions = self._query_regions(query_regions)
         self._fresh()
         self._maybe_soft_fold()
         plan = self.plan(exclude, only, weights, renormalize)
+        depth = max(int(k), int(rerank_depth)) if rerank is not None else k
         with self._lock.read():
-            ids, scores = self._search_unlocked(q, k, plan, where, exact, set(exclude_ids))
-            vectors = self._rows.gather(self._id_rows[ids]) if explain and len(ids) else None
+            ids, scores = self._search_unlocked(q, depth, plan, where, exact, set(exclude_ids))
+            wanted = explain or rerank is not None
+            vectors = self._rows.gather(self._id_rows[ids]) if wanted and len(ids) else None
+        parts = None
+        if rerank is not None and len(ids):
+            grid = self.region_grid
+            with self._store.lock:
+                maps = db_regions.read(
+                    self._store.conn, ids.tolist(), grid[0] * grid[1], self.num_concepts
+                )
+            parts = structural_rerank(ids, scores, q, q_regions, vectors, maps, plan.weights)
+            position = {int(i): n for n, i in enumerate(ids)}
+            ids, scores = parts.ids[:k], parts.score[:k]
+            vectors = vectors[[position[int(i)] for i in ids]]
         described = self._describe([int(i) for i in ids])
         names = self.concept_names if explain else {}
         hits = []
@@ -921,8 +1023,43 @@ class ConceptIndex(PlanMixin, SearchMixin, CalibrateMixin):
                 top = top_concepts(
                     q, vectors[rank - 1], plan.weights, plan.renormalize, names, explain
                 )
-            hits.append(Hit(rank, int(item_id), float(score), path, meta, top))
+            split = {}
+            if parts is not None:
+                split = dict(
+                    score_global=float(parts.score_global[rank - 1]),
+                    score_structural=float(parts.score_structural[rank - 1]),
+                )
+            hits.append(Hit(rank, int(item_id), float(score), path, meta, top, **split))
         return hits
+
+    def _query_regions(self, query_regions: np.ndarray | None) -> np.ndarray:
+        grid = self.region_grid
+        if grid is None:
+            raise db_regions.RegionsError(
+                f"{self._where()}: structural re-ranking needs region maps, and this index "
+                "keeps none; " + db_regions.how_to_add(self._where())
+            )
+        if query_regions is None:
+            raise db_regions.RegionsError(
+                f"{self._where()}: structural re-ranking needs the query's region maps "
+                "(query with an image, or pass query_regions=)"
+            )
+        return db_regions.check_shape(
+            np.asarray(query_regions)[None], 1, grid, self.num_concepts, "the query"
+        )[0]
+
+    def regions_of(self, item_id: int) -> np.ndarray:
+        """The stored region maps [R, C] of one item (a query by id re-ranks with them)."""
+        grid = self.region_grid
+        if grid is None:
+            raise db_regions.RegionsError(
+                f"{self._where()}: this index keeps no region maps; "
+                + db_regions.how_to_add(self._where())
+            )
+        with self._store.lock:
+            return db_regions.read(
+                self._store.conn, [int(item_id)], grid[0] * grid[1], self.num_concepts
+            )[0]
 
     def search_ids(
         self, query: np.ndarray, k: int = 10, *, exact: bool = False, **controls
@@ -941,6 +1078,8 @@ class ConceptIndex(PlanMixin, SearchMixin, CalibrateMixin):
         """More like an item already in the index (the item itself is left out)."""
         vector = self.embedding(item_id)
         exclude_ids = set(kwargs.pop("exclude_ids", ())) | {int(item_id)}
+        if kwargs.get("rerank") is not None and kwargs.get("query_regions") is None:
+            kwargs["query_regions"] = self.regions_of(item_id)
         return self.search(vector, k, exclude_ids=exclude_ids, **kwargs)
 
     # ------------------------------------------------------------------ persistence
@@ -990,7 +1129,16 @@ class ConceptIndex(PlanMixin, SearchMixin, CalibrateMixin):
                 "tuned_at": state.get("tuned_at", 0),
                 "fitted_at": state.get("fitted_at", 0),
             },
+            "regions": self._regions_manifest(),
         }
+
+    def _regions_manifest(self) -> dict | None:
+        grid = self.region_grid
+        if grid is None:
+            return None
+        with self._store.lock:
+            stored = db_regions.stored_bytes(self._store.conn)
+        return {"grid": list(grid), "dtype": "float16", "bytes": stored}
 
     def save(self, path: str | os.PathLike | None = None, *, overwrite: bool = False) -> Path:
         """Write an in-memory index to a directory and attach to it; for an attached index,
@@ -1263,6 +1411,13 @@ class ConceptIndex(PlanMixin, SearchMixin, CalibrateMixin):
                 elif self._rows.row(int(row)).tobytes() != blob:
                     file = self._ckpt.vectors_file if row < self._rows.n_base else "tail"
                     problems.append(f"{file}: vector of item {item_id} differs from the database")
+            if self.region_grid is not None:
+                missing_maps = db_regions.ids_without(conn)
+                if missing_maps:
+                    problems.append(
+                        f"{self._db_file()}: {len(missing_maps)} item(s) have no region maps "
+                        f"(first: id {missing_maps[0]})"
+                    )
             if self._graph is not None:
                 labels = set(int(i) for i in self._graph.hnsw.get_ids_list())
                 base_ids = self._row_ids[: self._rows.n_base]

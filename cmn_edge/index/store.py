@@ -5,6 +5,8 @@
     DIR/index.db (+ -wal, -shm)   items, paths, metadata, concept names, model identity,
                                   every vector (float32 blobs), the change counter, and the
                                   record of the last graph checkpoint
+                                  (+ each item's float16 region maps, where the
+                                  index keeps them: see .regions)
     DIR/graph-000007.bin          the hnswlib graph as of checkpoint 7 (hnswlib's own save);
                                   its sha256 is in the database and is checked before
                                   hnswlib parses the file (hnswlib trusts its input)
@@ -53,6 +55,7 @@ CREATE INDEX meta_key_value ON meta (key, value);
 CREATE TABLE removed (id INTEGER PRIMARY KEY, seq INTEGER NOT NULL);
 CREATE INDEX removed_seq ON removed (seq);
 CREATE TABLE concepts (concept INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE);
+CREATE TABLE regions (id INTEGER PRIMARY KEY, maps BLOB NOT NULL);
 CREATE TABLE checkpoint (
     one INTEGER PRIMARY KEY CHECK (one = 1),
     gen INTEGER NOT NULL, seq INTEGER NOT NULL,

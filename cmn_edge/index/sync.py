@@ -97,13 +97,15 @@ def sync_folder(
                     raise
                 report.skipped.append((str(file), str(exc).removeprefix(f"{file}: ")))
         if arrays:
-            vectors = embedder.embed_arrays(np.stack(arrays)).embedding
+            keeps_regions = index.region_grid is not None
+            out = embedder.embed_arrays(np.stack(arrays), with_regions=keeps_regions)
             rels = [rel for _, rel, _ in kept]
             before = index.ids_for_paths(rels)
             meta = None
             if metadata is not None:
                 meta = [metadata.get(str(file.resolve())) for file, _, _ in kept]
-            index.add(vectors, rels, meta, stamps=[stamp for _, _, stamp in kept])
+            stamps = [stamp for _, _, stamp in kept]
+            index.add(out.embedding, rels, meta, stamps=stamps, regions=out.regions)
             report.updated += len(before)
             report.added += len(kept) - len(before)
         if progress is not None:

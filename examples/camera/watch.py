@@ -233,8 +233,13 @@ class Watcher:
         return True
 
     def process(self, path: Path) -> None:
+        maps = None
         try:
-            vector = self.embedder.embed([path])[0]
+            if self.index.keeps_regions:  # an index kept for structural re-ranking
+                vectors, maps = self.embedder.embed_regions([path])
+                vector = vectors[0]
+            else:
+                vector = self.embedder.embed([path])[0]
         except ImageError as exc:
             reason = str(exc).removeprefix(f"{path}: ")
             if self.frames.failed(path, reason):
@@ -254,6 +259,7 @@ class Watcher:
                 vector[None, :],
                 [path],
                 [{"source": "camera", "captured_ns": captured_ns}],
+                regions=maps,
             )[0]
         except (OSError, ConceptIndexError) as exc:
             # Disk full, a read-only mount, the database locked for too long: the frame
