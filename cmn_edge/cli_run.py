@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import glob
 import io
 import json
 import os
@@ -19,7 +20,7 @@ import onnxruntime as ort
 from . import preprocess as pp
 from .cli_common import CliError, model_options, user_errors
 from .cpu import this_cpu
-from .dataset import check_retrieval_ready, load_samples
+from .dataset import check_retrieval_ready, is_image_file, load_samples
 from .embedder import Embedder, ModelError, list_images
 from .files import atomic_write
 from .metadata import MetadataError, ModelMetadata
@@ -28,7 +29,9 @@ from .registry import BUNDLED, DEFAULT_MODEL, bundled_metrics, choose_precision,
 
 #: Below this many images a progress bar is more noise than help.
 PROGRESS_MIN_ITEMS = 64
-FORMATS = ("json", "npy", "csv")
+FORMATS = ("json", "npy", "csv", "parquet")
+#: Where ``embed`` runs the model: this process, or Ray Data actors (the ``scale`` extra).
+ENGINES = ("local", "ray")
 
 
 # --------------------------------------------------------------------------------------------
@@ -51,12 +54,20 @@ def _interactive() -> bool:
 
 
 def _expand_inputs(photos: tuple[str, ...]) -> list[Path]:
-    """Files as given, folders replaced by the images below them (sorted, recursive)."""
+    """Files as given, folders replaced by the images below them (sorted, recursive), and
+    a quoted glob (``"photos/*.jpg"``, ``**`` recursive) by the images it matches (sorted)."""
     paths: list[Path] = []
     for item in photos:
         path = Path(item)
         if path.is_dir():
             paths.extend(list_images(path))
+        elif not path.exists() and any(c in item for c in "*?["):
+            for match in sorted(glob.glob(item, recursive=True)):
+                found = Path(match)
+                if found.is_dir():
+                    paths.extend(list_images(found))
+                elif is_image_file(found):
+                    paths.append(found)
         else:
             paths.append(path)  # a missing or unreadable file is reported when it is decoded
     if not paths:
@@ -123,14 +134,16 @@ def _reason(path: Path, message: str) -> str:
     "fmt",
     type=click.Choice(FORMATS),
     default=None,
-    help="Output format; default from the --output suffix, else json.",
+    help="Output format; default from the --output suffix, else json (parquet with "
+    "--engine ray). parquet writes a folder of parts (needs pyarrow: the scale extra).",
 )
 @click.option(
     "--output",
+    "--out",
     "-o",
     type=click.Path(path_type=Path),
     default=None,
-    help="Write here (atomically) instead of stdout.",
+    help="Write here (atomically) instead of stdout; for parquet a folder.",
 )
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
 @click.option(
@@ -143,6 +156,27 @@ def _reason(path: Path, message: str) -> str:
     is_flag=True,
     help="Also output the raw concept scores (json: per item; csv: extra columns).",
 )
+@click.option(
+    "--engine",
+    type=click.Choice(ENGINES),
+    default="local",
+    show_default=True,
+    help="ray: Ray Data reads the files, an actor pool embeds them, Parquet to --out FOLDER; "
+    'failures are rows with their error (pip install "cmn-edge[scale]").',
+)
+@click.option(
+    "--ray-address",
+    default=None,
+    help="--engine ray: the cluster to join ('auto': the one running here); default: "
+    "start Ray on this machine for this run.",
+)
+@click.option(
+    "--ray-actors",
+    type=click.IntRange(min=1),
+    default=None,
+    help="--engine ray: actors running the model, each on --threads threads (default 2); "
+    "default: the cluster's CPUs / threads.",
+)
 @user_errors
 def embed(
     photos: tuple[str, ...],
@@ -154,6 +188,9 @@ def embed(
     batch_size: int,
     skip_errors: bool,
     scores: bool,
+    engine: str,
+    ray_address: str | None,
+    ray_actors: int | None,
 ) -> None:
     """Embed PHOTOS (files or folders, searched recursively) into concept space.
 
@@ -162,17 +199,36 @@ def embed(
     --skip-errors the rest are embedded and the failures listed; the exit status is then 0 if
     at least one image was embedded, 1 if none was. npy rows follow the input order (folders
     in sorted order) minus the failures listed on stderr.
+
+    --format parquet writes --output FOLDER: Parquet parts with one row per input (id, path,
+    model, embedding, error, metadata) and _cmn_edge.json. --engine ray writes the same
+    folder from a Ray cluster, every failure a row with its error (the exit status as with
+    --skip-errors).
     """
     if fmt is None:
         suffix = output.suffix.lower().lstrip(".") if output is not None else ""
-        fmt = suffix if suffix in FORMATS else "json"
+        fmt = "parquet" if engine == "ray" else suffix if suffix in FORMATS else "json"
     if fmt == "npy" and scores:
         raise click.UsageError("--scores needs --format json or csv (npy holds one array)")
-    _check_output_target(output)
+    if fmt == "parquet" and (scores or output is None):
+        raise click.UsageError("--format parquet needs --output FOLDER and takes no --scores")
+    if engine == "ray" and fmt != "parquet":
+        raise click.UsageError("--engine ray writes --format parquet to --out FOLDER")
+    if engine != "ray" and (ray_address is not None or ray_actors is not None):
+        raise click.UsageError("--ray-address and --ray-actors need --engine ray")
+    if fmt != "parquet":
+        _check_output_target(output)
     paths = _expand_inputs(photos)
+    if engine == "ray":
+        _embed_with_ray(
+            paths, output, model, precision, threads, batch_size, ray_address, ray_actors
+        )
+        return
     embedder = Embedder(model, precision=precision, threads=threads)
 
     kept: list[Path] = []
+    kept_index: list[int] = []
+    error_index: list[int] = []
     embeddings: list[np.ndarray] = []
     concept_scores: list[np.ndarray] = []
     errors: list[tuple[Path, str]] = []
@@ -180,14 +236,16 @@ def embed(
         for start in range(0, len(paths), batch_size):
             chunk = paths[start : start + batch_size]
             arrays = []
-            for path in chunk:
+            for index, path in enumerate(chunk, start):
                 try:
                     arrays.append(embedder.load(path))
                     kept.append(path)
+                    kept_index.append(index)
                 except pp.ImageError as exc:
                     if not skip_errors:
                         raise
                     errors.append((path, _reason(path, str(exc))))
+                    error_index.append(index)
                     click.echo(f"error: {path}: {errors[-1][1]}", err=True)
             if arrays:
                 result = embedder.embed_arrays(np.stack(arrays), with_scores=scores)
@@ -201,6 +259,30 @@ def embed(
     matrix = np.concatenate(embeddings).astype(np.float32, copy=False)
     score_matrix = np.concatenate(concept_scores) if scores else None
 
+    if fmt == "parquet":
+        from .ray_embed import write_embeddings
+
+        full = np.zeros((len(paths), embedder.num_concepts), np.float32)
+        full[kept_index] = matrix
+        reasons: list[str | None] = [None] * len(paths)
+        for index, (_, reason) in zip(error_index, errors):
+            reasons[index] = reason
+        write_embeddings(
+            output,
+            paths,
+            full,
+            reasons,
+            model_id=embedder.model_id,
+            precision=embedder.metadata.precision,
+            concept_names=list(embedder.metadata.concept_names),
+        )
+    else:
+        _write_output(output, fmt, embedder, kept, matrix, score_matrix, errors)
+    if errors:
+        click.echo(f"embedded {len(kept)} of {len(paths)} images; {len(errors)} skipped", err=True)
+
+
+def _write_output(output, fmt, embedder, kept, matrix, score_matrix, errors) -> None:
     with _atomic_output(output, binary=fmt == "npy") as out:
         if fmt == "npy":
             np.save(out, matrix)
@@ -208,8 +290,44 @@ def embed(
             _write_csv(out, embedder, kept, matrix, score_matrix)
         else:
             _write_json(out, embedder, kept, matrix, score_matrix, errors)
-    if errors:
-        click.echo(f"embedded {len(kept)} of {len(paths)} images; {len(errors)} skipped", err=True)
+
+
+def _embed_with_ray(
+    paths: list[Path],
+    output: Path,
+    model: str | None,
+    precision: str,
+    threads: int | None,
+    batch_size: int,
+    address: str | None,
+    actors: int | None,
+) -> None:
+    """``embed --engine ray``: the job is in :mod:`cmn_edge.ray_embed` (imported only here,
+    so the local engine never imports Ray)."""
+    from .ray_embed import embed_with_ray
+
+    result = embed_with_ray(
+        paths,
+        output,
+        model=model,
+        precision=precision,
+        threads=threads,
+        batch_size=batch_size,
+        address=address,
+        actors=actors,
+        progress=_interactive(),
+    )
+    for path, reason in result.errors:
+        click.echo(f"error: {path}: {reason}", err=True)
+    if not result.embedded:
+        raise CliError(
+            f"no image could be embedded ({len(result.errors)} failed; rows in {output})"
+        )
+    if result.errors:
+        click.echo(
+            f"embedded {result.embedded} of {result.rows} images; {len(result.errors)} failed",
+            err=True,
+        )
 
 
 def _write_json(out, embedder, kept, matrix, score_matrix, errors) -> None:

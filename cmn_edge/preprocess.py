@@ -57,6 +57,13 @@ def open_image(source: ImageInput, preprocess: Preprocess | None = None) -> Imag
         raise ImageError(f"{path}: is a directory, not an image") from None
     except OSError as exc:
         raise ImageError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    return decode_bytes(data, str(path), preprocess)
+
+
+def decode_bytes(data: bytes, source: str, preprocess: Preprocess | None = None) -> Image.Image:
+    """``open_image`` for a file's bytes read elsewhere (Ray Data's binary reader): the same
+    checks, draft-mode decode and rotation, so the pixels equal those of reading ``source``."""
+    path = source
     if not data:
         raise ImageError(f"{path}: file is empty")
     try:
@@ -166,3 +173,9 @@ def to_tensor(image: Image.Image, preprocess: Preprocess) -> np.ndarray:
 def load(source: ImageInput, preprocess: Preprocess) -> np.ndarray:
     """One image, ready for the graph: float32 [3, input_size, input_size]."""
     return to_tensor(resize_and_crop(open_image(source, preprocess), preprocess), preprocess)
+
+
+def load_bytes(data: bytes, source: str, preprocess: Preprocess) -> np.ndarray:
+    """``load`` of a file's bytes; ``source`` names the file in errors."""
+    image = decode_bytes(data, source, preprocess)
+    return to_tensor(resize_and_crop(image, preprocess), preprocess)

@@ -1,0 +1,567 @@
+"""``cmn-edge embed --engine ray``: the same embeddings as the local command, from a Ray cluster.
+
+Ray Data reads each file's bytes (``read_binary_files``); a pool of actors, each holding one
+:class:`~cmn_edge.embedder.Embedder`, decodes them with the runtime's own preprocessing
+(:func:`cmn_edge.preprocess.load_bytes`, the code path of a local file) and runs the same ONNX
+file at the precision the driver chose, so the vectors equal the local ones. A file that
+cannot be read or decoded becomes a row with its error, not a failed job. The rows stream
+back to the driver, which writes ``--out`` as a folder of Parquet parts beside a hidden
+temporary folder and renames it into place only when the job has finished: a failed job
+leaves no half-written output (and any earlier output as it was).
+
+Ray is an optional extra (``pip install "cmn-edge[scale]"``): nothing here imports it, or
+pyarrow, until a job runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import preprocess as pp
+from .files import fsync_dir, write_text_atomic
+from .pipeline import stream_batches
+
+INSTALL_HINT = 'pip install "cmn-edge[scale]"'
+#: The folder's description (model, counts, parts); Parquet readers skip ``_`` names.
+MANIFEST = "_cmn_edge.json"
+#: Rows per Parquet part written by the driver.
+ROWS_PER_PART = 100_000
+#: CPUs one read task reserves: reading bytes waits on the disk, and a read task that asks
+#: for a whole CPU cannot start once the actors hold the rest (the job hangs: ray #44687).
+READ_CPUS = 0.25
+#: CPUs an actor reserves per model thread: fractional, so the readers keep a share.
+ACTOR_CPUS_PER_THREAD = 0.75
+
+
+class MissingExtraError(RuntimeError):
+    """Ray Data (the ``scale`` extra) is not installed."""
+
+
+class RayEmbedError(RuntimeError):
+    """A Ray job that could not run (no cluster at the address, an output in the way)."""
+
+
+@dataclass(frozen=True)
+class RayEmbedResult:
+    """What a job wrote: the folder, its Parquet parts and the row counts."""
+
+    out: Path
+    parts: list[Path]
+    rows: int
+    embedded: int
+    errors: list[tuple[str, str]]  # (path, reason)
+    model: str
+    precision: str
+    seconds: float
+
+
+def require_ray() -> Any:
+    """``ray`` with Ray Data and pyarrow, or one line naming the extra to install."""
+    try:
+        import pyarrow  # noqa: F401
+        import ray
+        import ray.data  # noqa: F401
+    except ImportError as exc:
+        missing = exc.name or "ray"
+        raise MissingExtraError(
+            f"--engine ray needs Ray Data ({missing} is not installed): {INSTALL_HINT}"
+        ) from None
+    return ray
+
+
+def schema(num_concepts: int) -> Any:
+    """The Parquet columns: one row per input file, ``embedding`` null where ``error`` is set."""
+    import pyarrow as pa
+
+    return pa.schema(
+        [
+            ("id", pa.int64()),
+            ("path", pa.string()),
+            ("model", pa.string()),
+            ("embedding", pa.list_(pa.float32(), num_concepts)),
+            ("error", pa.string()),
+            ("metadata", pa.string()),  # JSON object, or null
+        ]
+    )
+
+
+def _table(
+    ids: Sequence[int],
+    paths: Sequence[str],
+    model: str,
+    embeddings: np.ndarray,
+    errors: Sequence[str | None],
+    metadata: Sequence[str | None],
+) -> Any:
+    """Rows as a pyarrow table; ``embeddings`` [N, C] with any values where errors are set."""
+    import pyarrow as pa
+
+    count, concepts = embeddings.shape
+    flat = pa.array(np.ascontiguousarray(embeddings, dtype=np.float32).reshape(-1))
+    mask = pa.array([e is not None for e in errors], type=pa.bool_())
+    vectors = pa.FixedSizeListArray.from_arrays(flat, concepts, mask=mask)
+    return pa.Table.from_arrays(
+        [
+            pa.array(ids, pa.int64()),
+            pa.array(paths, pa.string()),
+            pa.array([model] * count, pa.string()),
+            vectors,
+            pa.array(errors, pa.string()),
+            pa.array(metadata, pa.string()),
+        ],
+        schema=schema(concepts),
+    )
+
+
+def _reason(path: str, message: str) -> str:
+    prefix = f"{path}: "
+    return message[len(prefix) :] if message.startswith(prefix) else message
+
+
+class EmbedActor:
+    """One Embedder per actor, loaded once; a batch of Ray's (bytes, path) rows -> the same
+    rows' ``source`` path, ``embedding`` (zeros where it failed) and ``error``.
+
+    The model and precision are the driver's choice, and the file's hash is checked against
+    the driver's: a worker with another copy of the model refuses to run. Row ids stay on
+    the driver, so the actor's arguments are small whatever the number of files.
+    """
+
+    def __init__(
+        self, model: str | None, precision: str, model_id: str, threads: int, batch_size: int
+    ) -> None:
+        from .embedder import Embedder
+
+        self.embedder = Embedder(
+            model, precision=precision, threads=threads, decode_workers=threads
+        )
+        if self.embedder.model_id != model_id:
+            raise RuntimeError(
+                f"this worker's model {self.embedder.model_id} is not the driver's {model_id}"
+            )
+        self.batch_size = batch_size
+
+    def __call__(self, batch: Any) -> Any:
+        import pyarrow as pa
+
+        paths = batch.column("path").to_pylist()
+        rows = list(enumerate(zip(paths, batch.column("bytes").to_pylist())))
+        preprocess = self.embedder.preprocess
+        concepts = self.embedder.num_concepts
+        matrix = np.zeros((len(rows), concepts), np.float32)
+        failures: list[tuple[tuple[int, tuple[str, bytes]], str]] = []
+        for kept, vectors in stream_batches(
+            rows,
+            lambda row: pp.load_bytes(row[1][1], row[1][0], preprocess),
+            lambda arrays: self.embedder.embed_arrays(arrays).embedding,
+            batch_size=self.batch_size,
+            workers=self.embedder.threads.decode,
+            skip_errors=True,
+            errors=failures,
+        ):
+            matrix[[i for i, _ in kept]] = vectors
+        errors: list[str | None] = [None] * len(rows)
+        for (i, (path, _)), message in failures:
+            errors[i] = _reason(path, message)
+        flat = pa.array(matrix.reshape(-1))
+        return pa.table(
+            {
+                "source": pa.array(paths, pa.string()),
+                "embedding": pa.FixedSizeListArray.from_arrays(flat, concepts),
+                "error": pa.array(errors, pa.string()),
+            }
+        )
+
+
+def _rows(
+    result: Any,
+    entries: Mapping[str, Sequence[tuple[int, str, str | None]]],
+    model_id: str,
+    concepts: int,
+) -> Any:
+    """An actor's output as output rows: one per input entry of each file read."""
+    sources = result.column("source").to_pylist()
+    vectors = np.asarray(result.column("embedding").combine_chunks().values, np.float32)
+    vectors = vectors.reshape(-1, concepts)
+    reasons = result.column("error").to_pylist()
+    take = [(i, entry) for i, source in enumerate(sources) for entry in entries[source]]
+    rows = [i for i, _ in take]
+    return _table(
+        [entry[0] for _, entry in take],
+        [entry[1] for _, entry in take],
+        model_id,
+        vectors[rows],
+        [reasons[i] for i in rows],
+        [entry[2] for _, entry in take],
+    )
+
+
+def _unreadable(path: Path) -> str | None:
+    """Why the driver already knows ``path`` cannot be read (Ray's reader would fail the
+    whole job on it), in the words the local command uses; None when it looks readable."""
+    if not path.exists():
+        return "file not found"
+    if path.is_dir():
+        return "is a directory, not an image"
+    if not os.access(path, os.R_OK):
+        return "cannot read (Permission denied)"
+    if path.stat().st_size == 0:
+        return "file is empty"
+    return None
+
+
+def _check_out(out: Path) -> None:
+    """``--out`` is a new folder, or one this command wrote before (it is replaced)."""
+    if out.exists() and not out.is_dir():
+        raise RayEmbedError(f"{out}: --out is a file; the Ray engine writes a folder")
+    if out.is_dir() and any(out.iterdir()) and not (out / MANIFEST).is_file():
+        raise RayEmbedError(
+            f"{out}: folder is not empty and was not written by cmn-edge embed (no {MANIFEST}); "
+            "give a new or empty folder"
+        )
+    parent = out.parent if str(out.parent) else Path(".")
+    if not parent.is_dir():
+        raise RayEmbedError(f"{out}: output folder {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise RayEmbedError(f"{out}: output folder {parent} is not writable")
+
+
+def _publish_folder(temp: Path, out: Path) -> None:
+    """Rename the finished ``temp`` folder to ``out``. An earlier output is moved aside first
+    and removed after: at every moment ``out`` is absent, the old folder or the new one."""
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
+        os.replace(out, old)
+    os.replace(temp, out)
+    fsync_dir(out.parent if str(out.parent) else Path("."))
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+class _PartWriter:
+    """Tables -> ``part-00000.parquet``, ``part-00001.parquet``, ... of ``ROWS_PER_PART`` rows
+    each, every part fsynced when closed (the folder is renamed into place after)."""
+
+    def __init__(self, folder: Path, table_schema: Any) -> None:
+        self.folder, self.schema = folder, table_schema
+        self.parts: list[Path] = []
+        self.rows = 0
+        self._writer: Any = None
+        self._in_part = 0
+
+    def write(self, table: Any) -> None:
+        import pyarrow.parquet as pq
+
+        start = 0
+        while start < table.num_rows:
+            if self._writer is None:
+                self.parts.append(self.folder / f"part-{len(self.parts):05d}.parquet")
+                self._writer = pq.ParquetWriter(self.parts[-1], self.schema)
+            head = table.slice(start, ROWS_PER_PART - self._in_part)
+            self._writer.write_table(head)
+            start += head.num_rows
+            self.rows += head.num_rows
+            self._in_part += head.num_rows
+            if self._in_part == ROWS_PER_PART:
+                self._finish()
+
+    def _finish(self) -> None:
+        self._writer.close()
+        self._writer, self._in_part = None, 0
+        with open(self.parts[-1], "rb") as handle:
+            os.fsync(handle.fileno())
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._finish()
+
+
+@contextlib.contextmanager
+def _ray_session(ray: Any, address: str | None):
+    """Connect to ``address`` (``auto``: the running cluster) or start a local Ray; a session
+    this call started is shut down after, one the caller started is left running."""
+    if ray.is_initialized():
+        yield
+        return
+    kwargs: dict[str, Any] = {"include_dashboard": False, "logging_level": "WARNING"}
+    if address is None:
+        kwargs["num_cpus"] = os.cpu_count() or 1
+    try:
+        ray.init(address=address, **kwargs)
+    except ConnectionError as exc:
+        raise RayEmbedError(f"no Ray cluster at {address!r}: {exc}") from None
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def _finish_folder(
+    temp: Path,
+    out: Path,
+    writer: _PartWriter,
+    *,
+    engine: str,
+    model_id: str,
+    precision: str,
+    concept_names: list[str],
+    embedded: int,
+    errors: int,
+) -> None:
+    """Close the parts, write the manifest and rename ``temp`` to ``out``."""
+    writer.close()
+    concepts = writer.schema.field("embedding").type.list_size
+    manifest = {
+        "format": "cmn-edge embeddings",
+        "engine": engine,
+        "model": model_id,
+        "precision": precision,
+        "num_concepts": concepts,
+        "concept_names": concept_names,
+        "rows": writer.rows,
+        "embedded": embedded,
+        "errors": errors,
+        "parts": [p.name for p in writer.parts],
+        "columns": {
+            "id": "position in the input list (the local embed's row order)",
+            "path": "the path as given",
+            "model": "model name @ file hash",
+            "embedding": f"float32[{concepts}], unit norm; null where error is set",
+            "error": "why the file could not be embedded; null on success",
+            "metadata": "JSON object or null",
+        },
+    }
+    write_text_atomic(temp / MANIFEST, json.dumps(manifest, indent=2) + "\n")
+    _publish_folder(temp, out)
+
+
+def _staging(out: Path) -> Path:
+    """A new hidden folder beside ``out`` for the parts (same file system: rename works)."""
+    temp = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:8]}")
+    temp.mkdir()
+    return temp
+
+
+def write_embeddings(
+    out: str | os.PathLike,
+    paths: Sequence[str | os.PathLike],
+    embeddings: np.ndarray,
+    errors: Sequence[str | None],
+    *,
+    model_id: str,
+    precision: str,
+    concept_names: Sequence[str] = (),
+    metadata: Sequence[str | None] | None = None,
+    engine: str = "local",
+) -> Path:
+    """The local engine's Parquet output: the Ray engine's folder layout, from rows in hand.
+
+    ``embeddings`` [N, C] has a row for every path (any values where ``errors`` is set); row
+    ``i`` gets id ``i``.
+    """
+    try:
+        import pyarrow  # noqa: F401
+    except ImportError:
+        raise MissingExtraError(f"--format parquet needs pyarrow: {INSTALL_HINT}") from None
+    out = Path(out)
+    _check_out(out)
+    given = [str(p) for p in paths]
+    temp = _staging(out)
+    try:
+        writer = _PartWriter(temp, schema(embeddings.shape[1]))
+        writer.write(
+            _table(
+                list(range(len(given))),
+                given,
+                model_id,
+                embeddings,
+                list(errors),
+                list(metadata) if metadata is not None else [None] * len(given),
+            )
+        )
+        _finish_folder(
+            temp,
+            out,
+            writer,
+            engine=engine,
+            model_id=model_id,
+            precision=precision,
+            concept_names=list(concept_names),
+            embedded=sum(e is None for e in errors),
+            errors=sum(e is not None for e in errors),
+        )
+    except BaseException:
+        shutil.rmtree(temp, ignore_errors=True)
+        raise
+    return out
+
+
+def embed_with_ray(
+    paths: Sequence[str | os.PathLike],
+    out: str | os.PathLike,
+    *,
+    model: str | os.PathLike | None = None,
+    precision: str = "auto",
+    threads: int | None = None,
+    batch_size: int = 32,
+    address: str | None = None,
+    actors: int | None = None,
+    actor_cpus: float | None = None,
+    metadata: Mapping[str, Mapping[str, Any]] | None = None,
+    progress: bool = False,
+) -> RayEmbedResult:
+    """Embed ``paths`` on Ray and write ``out`` (a folder of Parquet parts and a manifest).
+
+    Row ``id`` is the position in ``paths`` (the local command's row order) and ``path`` the
+    path as given; ``metadata`` (path as given -> JSON-able dict) is stored per row. Each of
+    ``actors`` actors runs the model on ``threads`` threads (default 2) and reserves
+    ``actor_cpus`` CPUs (default 0.75 per thread, fractional so reads are never starved).
+    """
+    ray = require_ray()
+    from .embedder import Embedder
+
+    out = Path(out)
+    _check_out(out)
+    started = time.perf_counter()
+    threads = max(1, threads or min(2, os.cpu_count() or 1))
+    driver = Embedder(model, precision=precision, threads=1)
+    model_id, resolved = driver.model_id, driver.precision
+    concepts = driver.num_concepts
+
+    given = [str(p) for p in paths]
+    meta = metadata or {}
+    meta_json = {p: json.dumps(dict(meta[p]), sort_keys=True) for p in given if p in meta}
+    # Ray reads each file once; a file given twice (as the local command allows) gives two rows.
+    readable: dict[str, list[tuple[int, str, str | None]]] = {}
+    early: list[tuple[int, str, str]] = []
+    for index, path in enumerate(given):
+        reason = _unreadable(Path(path))
+        if reason is None:
+            entry = (index, path, meta_json.get(path))
+            readable.setdefault(os.path.abspath(path), []).append(entry)
+        else:
+            early.append((index, path, reason))
+
+    temp = _staging(out)
+    errors: list[tuple[int, str, str]] = list(early)
+    embedded = 0
+    try:
+        writer = _PartWriter(temp, schema(concepts))
+        with _ray_session(ray, address):
+            context = ray.data.DataContext.get_current()
+            context.execution_options.preserve_order = True  # parts in input order
+            context.enable_progress_bars = progress
+            if not progress:  # the plan and timing lines: stderr is for the errors
+                logging.getLogger("ray.data").setLevel(logging.WARNING)
+            cpus = float(ray.cluster_resources().get("CPU", 1))
+            per_actor = actor_cpus if actor_cpus is not None else ACTOR_CPUS_PER_THREAD * threads
+            pool = actors or max(1, math.floor(cpus / threads))
+            if readable:
+                ds = ray.data.read_binary_files(
+                    list(readable), include_paths=True, num_cpus=READ_CPUS
+                )
+                ds = ds.map_batches(
+                    EmbedActor,
+                    fn_constructor_kwargs={
+                        "model": None if model is None else str(model),
+                        "precision": resolved,
+                        "model_id": model_id,
+                        "threads": threads,
+                        "batch_size": batch_size,
+                    },
+                    batch_size=batch_size,
+                    batch_format="pyarrow",
+                    compute=ray.data.ActorPoolStrategy(size=pool),
+                    num_cpus=per_actor,
+                )
+                for result in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+                    table = _rows(result, readable, model_id, concepts)
+                    failed = table.column("error")
+                    embedded += failed.null_count
+                    if failed.null_count < table.num_rows:
+                        bad = table.filter(failed.is_valid())
+                        errors += zip(
+                            bad["id"].to_pylist(), bad["path"].to_pylist(), bad["error"].to_pylist()
+                        )
+                    writer.write(table)
+        if early:
+            zeros = np.zeros((len(early), concepts), np.float32)
+            writer.write(
+                _table(
+                    [i for i, _, _ in early],
+                    [p for _, p, _ in early],
+                    model_id,
+                    zeros,
+                    [r for _, _, r in early],
+                    [meta_json.get(p) for _, p, _ in early],
+                )
+            )
+        errors.sort()
+        _finish_folder(
+            temp,
+            out,
+            writer,
+            engine="ray",
+            model_id=model_id,
+            precision=resolved,
+            concept_names=list(driver.metadata.concept_names),
+            embedded=embedded,
+            errors=len(errors),
+        )
+    except BaseException:
+        shutil.rmtree(temp, ignore_errors=True)
+        raise
+    return RayEmbedResult(
+        out=out,
+        parts=[out / p.name for p in writer.parts],
+        rows=writer.rows,
+        embedded=embedded,
+        errors=[(p, r) for _, p, r in errors],
+        model=model_id,
+        precision=resolved,
+        seconds=time.perf_counter() - started,
+    )
+
+
+def read_embeddings(folder: str | os.PathLike) -> Any:
+    """The rows of an ``--out`` folder as one pyarrow table, sorted by ``id``."""
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise MissingExtraError(f"reading Parquet needs pyarrow: {INSTALL_HINT}") from None
+    folder = Path(folder)
+    manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
+    tables = [pq.read_table(folder / name) for name in manifest["parts"]]
+
+    if not tables:
+        return schema(manifest["num_concepts"]).empty_table()
+    return pa.concat_tables(tables).sort_by("id")
+
+
+__all__ = [
+    "INSTALL_HINT",
+    "MANIFEST",
+    "MissingExtraError",
+    "RayEmbedError",
+    "RayEmbedResult",
+    "embed_with_ray",
+    "write_embeddings",
+    "read_embeddings",
+    "require_ray",
+    "schema",
+]
