@@ -18,6 +18,9 @@ Batched over a query's candidates, so re-ranking 100 of them is a handful of arr
 
 from __future__ import annotations
 
+import contextlib
+import functools
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,6 +34,21 @@ class StructuralError(ValueError):
     """Region features that cannot be matched (a model without them, a bad shape)."""
 
 
+@functools.cache
+def _blas_controller():
+    from threadpoolctl import ThreadpoolController
+
+    return ThreadpoolController()
+
+
+@contextlib.contextmanager
+def one_blas_thread() -> Iterator[None]:
+    """The re-rank's matmuls are small (K x R x R'): OpenBLAS's threads cost more to wake
+    than they save, and on a busy 2-core device they made it 3-6x slower (measured)."""
+    with _blas_controller().limit(limits=1, user_api="blas"):
+        yield
+
+
 def unit_rows(x: np.ndarray, axis: int = -1) -> np.ndarray:
     norm = np.linalg.norm(x, axis=axis, keepdims=True)
     return (x / np.maximum(norm, 1e-12)).astype(np.float32, copy=False)
@@ -38,7 +56,12 @@ def unit_rows(x: np.ndarray, axis: int = -1) -> np.ndarray:
 
 def marginals(regions: np.ndarray, other_global: np.ndarray) -> np.ndarray:
     """[..., R] transport masses: ReLU cross-correlation, sum 1, uniform if all zero."""
-    weights = np.maximum(np.einsum("...rc,...c->...r", regions, other_global), 0.0)
+    return masses(np.einsum("...rc,...c->...r", regions, other_global))
+
+
+def masses(correlation: np.ndarray) -> np.ndarray:
+    """[..., R] cross-correlations -> transport masses (ReLU, sum 1, uniform if all <= 0)."""
+    weights = np.maximum(correlation, 0.0)
     total = weights.sum(-1, keepdims=True)
     uniform = np.full_like(weights, 1.0 / weights.shape[-1])
     return np.where(total > 0, weights / np.where(total > 0, total, 1.0), uniform)
@@ -117,10 +140,12 @@ def structural_scores(
         )
     q_regions, q_global = masked(query_regions, query_global, weights)
     g_regions, g_global = masked(regions, globals_, weights)
-    similarity = np.einsum("rc,ksc->krs", q_regions, g_regions)
-    u = marginals(np.broadcast_to(q_regions, g_regions.shape[:1] + q_regions.shape), g_global)
-    v = marginals(g_regions, np.broadcast_to(q_global, g_global.shape))
-    plan = sinkhorn(similarity, u, v)
+    with one_blas_thread():
+        # batched matmuls (BLAS), not einsum: 4x faster at K=100, R=16, C=512
+        similarity = np.matmul(q_regions, g_regions.transpose(0, 2, 1))  # [K, R, R']
+        u = masses(g_global @ q_regions.T)  # [K, R]: the query's regions against each item
+        v = masses(g_regions @ q_global)  # [K, R']: each item's regions against the query
+        plan = sinkhorn(similarity, u, v)
     return (plan * similarity).sum(axis=(1, 2))
 
 
@@ -151,6 +176,7 @@ __all__ = [
     "Match",
     "StructuralError",
     "marginals",
+    "masses",
     "match",
     "rerank",
     "sinkhorn",

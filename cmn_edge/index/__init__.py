@@ -9,6 +9,8 @@ One job per module:
 - :mod:`.projection` the ``--graph-dims`` principal directions
 - :mod:`.plan`       concept controls -> one query weight vector
 - :mod:`.search`     exact, graph + re-rank, renormalised, tail merge
+- :mod:`.regions`    each item's region maps (float16, opt-in) for structural re-ranking
+- :mod:`.rerank`     DIML's re-ranking of the best candidates by structural matching
 - :mod:`.calibrate`  ef and mask depth tuned to a recall target, again as the gallery grows
 - :mod:`.lock`       readers and a writer within a process
 - :mod:`.sync`       an index kept in step with a folder
