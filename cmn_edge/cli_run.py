@@ -174,7 +174,7 @@ def _reason(path: Path, message: str) -> str:
     "--ray-actors",
     type=click.IntRange(min=1),
     default=None,
-    help="--engine ray: actors running the model, each on --threads threads (default 2); "
+    help="--engine ray: actors running the model, each on --threads threads (default 1); "
     "default: the cluster's CPUs / threads.",
 )
 @user_errors
