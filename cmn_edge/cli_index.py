@@ -53,6 +53,7 @@ from pathlib import Path
 import click
 import numpy as np
 
+from . import cli_postgres
 from .cli_common import CliError, model_options, user_errors
 from .embedder import Embedder, list_images
 from .index import ConceptIndex, ConceptIndexError, Index, embedder_for_index, is_index_dir
@@ -593,7 +594,8 @@ def name_concept(index_dir: Path, concept: str, name: str | None, clear: bool) -
 # ---------------------------------------------------------------------- search
 @click.command("search")
 @click.argument("query")
-@INDEX_OPTION
+@click.option("--index", "index_dir", type=click.Path(path_type=Path), help="Index directory.")
+@cli_postgres.backend_options
 @click.option("-k", "k", type=int, default=10, show_default=True, help="Results to return.")
 @click.option(
     "--exclude-concept",
@@ -635,7 +637,9 @@ def name_concept(index_dir: Path, concept: str, name: str | None, clear: bool) -
 @user_errors
 def search(
     query: str,
-    index_dir: Path,
+    index_dir: Path | None,
+    backend: str | None,
+    table: str,
     k,
     exclude_concept,
     only_concept,
@@ -655,6 +659,15 @@ def search(
     """Find the images most like QUERY: an image file, or an indexed item as id:N (or N)."""
     if k < 1:
         raise CliError(f"-k {k}: k must be at least 1")
+    if backend is not None:
+        if index_dir is not None or explain or rerank:
+            raise CliError("--backend searches the server: --index, --explain, --rerank are local")
+        options = dict(locals())
+        chosen = chosen_model(model, precision)
+        cli_postgres.search(query, backend, table, k, options, *chosen, threads, as_json)
+        return
+    if index_dir is None:
+        raise CliError("--index DIR (or --backend postgresql://...) is required")
     idx = Index(ConceptIndex.load(index_dir), threads=threads)
     weights = {}
     for key, value in parse_pairs(concept_weight, "--concept-weight"):
@@ -737,6 +750,7 @@ def search(
             click.echo("       concepts: " + ", ".join(parts))
 
 
+index.add_command(cli_postgres.export_command)
 COMMANDS = [index, search]
 
 __all__ = ["COMMANDS", "ConceptIndexError", "chosen_model", "index", "parse_pairs", "search"]
