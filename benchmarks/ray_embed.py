@@ -16,6 +16,40 @@ Prints figures; it asserts nothing. Ray's token authentication, dashboard and us
 are switched off for the run.
 
     python benchmarks/ray_embed.py --data ../shared/datasets --count 2000
+    python benchmarks/ray_embed.py --count 2000 --ray 2x1 --nodes 2
+
+Measured 2026-12-01 on the 2-core AMD EPYC (AVX2, no VNNI: exact INT8) build machine, INT8,
+2,000 photos, while other jobs shared the machine (load average 7-9, then 16-22: the
+absolute figures are low and noisy, the same-run comparisons are what counts):
+
+    load 7-9    local pipeline 24.8 images/s, local embed command 24.6,
+                ray.init 17.9 s, then Ray 1 actor x 2 threads 21.1, 2 actors x 1 thread 24.1
+    load 16-22  local pipeline 13.9, local embed command 14.8; two-node Cluster (1 CPU each,
+                one actor per node) ray.init 28.7 s, then 13.6 images/s
+
+Every Ray run gave the local vectors exactly (max |diff| 0). Once Ray is up, a job on one
+machine runs at the local engine's speed (the decode and the model are the same code, each
+actor overlapping its decode thread with the model); Ray's start-up (about 18 s here) and
+the actors' model load (a few seconds) are a fixed cost, so below a few hundred photos the
+local engine is faster.
+
+Beyond one machine. The job is embarrassingly parallel: an actor needs only its file bytes
+in (tens of kB for these photos, a few MB for a camera JPEG) and sends 4 x C bytes out
+(2 kB a photo for the bundled model), so throughput should grow with the number of actors
+until the file system or the driver limits it. Here an actor did about 12 images/s per
+core of this AVX2 machine under that load (24 on 2 cores); a VNNI CPU runs the INT8 model faster
+(see the model card), and decoding then dominates. The driver receives every row and writes
+the Parquet parts itself: at 2 kB a row that is 2 MB/s per 1,000 images/s, far below a
+disk's rate, so one driver should keep up with hundreds of cores; past that, the rows could
+be written by the workers (``write_parquet``) to shared storage. What could not be tested
+here: a second machine (the two-node Cluster shares one machine's cores and memory, so it
+checks the scheduling, object transfer between two raylets and equality, not network
+throughput), a shared or object-store file system for the inputs (the driver lists and
+checks the paths locally, and every node must see them at the same path; ``s3://`` URIs
+are not accepted yet), nodes with different CPUs (the driver's precision is sent to every
+actor and INT8 gives the same integers on every validated kernel path, but that was not run
+across machines), autoscaling, node failure mid-job (Ray retries a failed task; a job that
+still fails publishes nothing) and token authentication against a remote cluster.
 """
 
 from __future__ import annotations

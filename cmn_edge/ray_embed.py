@@ -186,6 +186,11 @@ class EmbedActor:
         )
 
 
+def _key(path: str) -> str:
+    """One spelling of a local path, for what Ray's reader reports and what was given."""
+    return os.path.normpath(os.path.abspath(path))
+
+
 def _rows(
     result: Any,
     entries: Mapping[str, Sequence[tuple[int, str, str | None]]],
@@ -197,7 +202,7 @@ def _rows(
     vectors = np.asarray(result.column("embedding").combine_chunks().values, np.float32)
     vectors = vectors.reshape(-1, concepts)
     reasons = result.column("error").to_pylist()
-    take = [(i, entry) for i, source in enumerate(sources) for entry in entries[source]]
+    take = [(i, entry) for i, source in enumerate(sources) for entry in entries[_key(source)]]
     rows = [i for i, _ in take]
     return _table(
         [entry[0] for _, entry in take],
@@ -299,11 +304,15 @@ def _ray_session(ray: Any, address: str | None):
         return
     kwargs: dict[str, Any] = {"include_dashboard": False, "logging_level": "WARNING"}
     if address is None:
+        # "local": a new Ray for this run, never a cluster someone else started here.
+        address = "local"
         kwargs["num_cpus"] = os.cpu_count() or 1
     try:
         ray.init(address=address, **kwargs)
-    except ConnectionError as exc:
-        raise RayEmbedError(f"no Ray cluster at {address!r}: {exc}") from None
+    except Exception as exc:  # no cluster there, a refused token, ...: Ray's own classes
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        where = f"Ray at {address!r}" if address != "local" else "a local Ray"
+        raise RayEmbedError(f"cannot start or join {where}: {reason}") from None
     try:
         yield
     finally:
@@ -454,7 +463,7 @@ def embed_with_ray(
         reason = _unreadable(Path(path))
         if reason is None:
             entry = (index, path, meta_json.get(path))
-            readable.setdefault(os.path.abspath(path), []).append(entry)
+            readable.setdefault(_key(path), []).append(entry)
         else:
             early.append((index, path, reason))
 
