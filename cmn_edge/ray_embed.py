@@ -26,13 +26,16 @@ import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from . import preprocess as pp
 from .files import fsync_dir, write_text_atomic
 from .pipeline import stream_batches
+
+if TYPE_CHECKING:  # the scale extra; imported for real only when a job runs
+    import pyarrow as pa
 
 INSTALL_HINT = 'pip install "cmn-edge[scale]"'
 #: The folder's description (model, counts, parts); Parquet readers skip ``_`` names.
@@ -82,7 +85,7 @@ def require_ray() -> Any:
     return ray
 
 
-def schema(num_concepts: int) -> Any:
+def schema(num_concepts: int) -> pa.Schema:
     """The Parquet columns: one row per input file, ``embedding`` null where ``error`` is set."""
     import pyarrow as pa
 
@@ -105,7 +108,7 @@ def _table(
     embeddings: np.ndarray,
     errors: Sequence[str | None],
     metadata: Sequence[str | None],
-) -> Any:
+) -> pa.Table:
     """Rows as a pyarrow table; ``embeddings`` [N, C] with any values where errors are set."""
     import pyarrow as pa
 
@@ -154,7 +157,7 @@ class EmbedActor:
             )
         self.batch_size = batch_size
 
-    def __call__(self, batch: Any) -> Any:
+    def __call__(self, batch: pa.Table) -> pa.Table:
         import pyarrow as pa
 
         paths = batch.column("path").to_pylist()
@@ -192,11 +195,11 @@ def _key(path: str) -> str:
 
 
 def _rows(
-    result: Any,
+    result: pa.Table,
     entries: Mapping[str, Sequence[tuple[int, str, str | None]]],
     model_id: str,
     concepts: int,
-) -> Any:
+) -> pa.Table:
     """An actor's output as output rows: one per input entry of each file read."""
     sources = result.column("source").to_pylist()
     vectors = np.asarray(result.column("embedding").combine_chunks().values, np.float32)
@@ -231,7 +234,7 @@ def _unreadable(path: Path) -> str | None:
 def _check_out(out: Path) -> None:
     """``--out`` is a new folder, or one this command wrote before (it is replaced)."""
     if out.exists() and not out.is_dir():
-        raise RayEmbedError(f"{out}: --out is a file; the Ray engine writes a folder")
+        raise RayEmbedError(f"{out}: is a file; Parquet output is written as a folder")
     if out.is_dir() and any(out.iterdir()) and not (out / MANIFEST).is_file():
         raise RayEmbedError(
             f"{out}: folder is not empty and was not written by cmn-edge embed (no {MANIFEST}); "
@@ -261,14 +264,14 @@ class _PartWriter:
     """Tables -> ``part-00000.parquet``, ``part-00001.parquet``, ... of ``ROWS_PER_PART`` rows
     each, every part fsynced when closed (the folder is renamed into place after)."""
 
-    def __init__(self, folder: Path, table_schema: Any) -> None:
+    def __init__(self, folder: Path, table_schema: pa.Schema) -> None:
         self.folder, self.schema = folder, table_schema
         self.parts: list[Path] = []
         self.rows = 0
         self._writer: Any = None
         self._in_part = 0
 
-    def write(self, table: Any) -> None:
+    def write(self, table: pa.Table) -> None:
         import pyarrow.parquet as pq
 
         start = 0
@@ -548,7 +551,7 @@ def embed_with_ray(
     )
 
 
-def read_embeddings(folder: str | os.PathLike) -> Any:
+def read_embeddings(folder: str | os.PathLike) -> pa.Table:
     """The rows of an ``--out`` folder as one pyarrow table, sorted by ``id``."""
     try:
         import pyarrow as pa

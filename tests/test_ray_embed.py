@@ -243,29 +243,33 @@ TWO_NODES = textwrap.dedent(
     from pathlib import Path
 
     import numpy as np
-    import ray
+    from click.testing import CliRunner
     from ray.cluster_utils import Cluster
 
     from cmn_edge import Embedder
-    from cmn_edge.ray_embed import embed_with_ray, read_embeddings
+    from cmn_edge.cli import main
+    from cmn_edge.ray_embed import read_embeddings
 
     paths, out = [Path(p) for p in sys.argv[2:]], Path(sys.argv[1])
     cluster = Cluster(
         initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False}
     )
     cluster.add_node(num_cpus=1)
-    ray.init(address=cluster.address, logging_level="WARNING")
     try:
-        # Two actors of 0.75 CPU cannot share a 1-CPU node: each node runs one.
-        result = embed_with_ray(paths, out, precision="int8", threads=1, actors=2)
-        nodes = len([n for n in ray.nodes() if n["Alive"]])
+        # The command joins the cluster by its address. Two actors of 0.75 CPU cannot share
+        # a 1-CPU node: each node runs one.
+        args = ["embed", *map(str, paths), "--engine", "ray", "--ray-address", cluster.address]
+        args += ["--ray-actors", "2", "--threads", "1", "--precision", "int8", "--out", str(out)]
+        result = CliRunner().invoke(main, args)
+        nodes = len(cluster.list_all_nodes())
     finally:
-        ray.shutdown()
         cluster.shutdown()
+    assert result.exit_code == 0, result.output
     table = read_embeddings(out)
     local = Embedder(precision="int8", threads=1).embed(paths)
     got = np.asarray(table["embedding"].to_pylist(), np.float32)
-    print(json.dumps({"nodes": nodes, "rows": result.rows, "errors": result.errors,
+    print(json.dumps({"nodes": nodes, "rows": table.num_rows,
+                      "errors": table["error"].drop_null().to_pylist(),
                       "max_diff": float(np.abs(got - local).max())}))
     """
 )
