@@ -18,6 +18,9 @@ against the exact masked search on the same index. Prints figures; it asserts no
     python benchmarks/bench_index.py --data ../shared/datasets/cub100 --split test \\
         --save-embeddings /tmp/cub100-test.npy
     python benchmarks/bench_index.py --embeddings /tmp/cub100-test.npy --synthetic 100000
+
+``--index-dir`` keeps the built (and calibrated) index and measures the next run on it: a
+change to the search is then compared on the very same graph.
 """
 
 from __future__ import annotations
@@ -132,6 +135,21 @@ def run_gallery(
         f"\n== {name}: {len(gallery)} items x {gallery.shape[1]} concepts, "
         f"{len(queries)} queries, k={args.k}"
     )
+    kept = None
+    if args.index_dir:
+        kept = Path(args.index_dir) / (
+            f"{name.replace(' ', '-').replace('(', '').replace(')', '')}-{len(gallery)}"
+            f"-d{args.graph_dims}-M{args.M}{'-cal' if args.calibrate else ''}"
+        )
+        if (kept / "index").exists():
+            # the same draws (same seed), built and calibrated by an earlier run: measure
+            # the search of this checkout on it; build figures are not measured again
+            start = time.perf_counter()
+            index = ConceptIndex.load(kept / "index")
+            load_s = time.perf_counter() - start
+            print(f"reusing the index in {kept / 'index'}")
+            size = dir_size(kept / "index")
+            return _measure(name, gallery, queries, args, index, 0.0, 0.0, None, 0.0, size, load_s)
     index = ConceptIndex(
         gallery.shape[1],
         "benchmark",
@@ -153,7 +171,7 @@ def run_gallery(
         start = time.perf_counter()
         calibration = index.calibrate(target=args.target, k=args.k, queries=calibration_queries)
         calibration["seconds"] = round(time.perf_counter() - start, 2)
-    folder = Path(tempfile.mkdtemp(prefix="bench-index-"))
+    folder = kept if kept is not None else Path(tempfile.mkdtemp(prefix="bench-index-"))
     try:
         start = time.perf_counter()
         index.save(folder / "index")
@@ -177,7 +195,8 @@ def run_gallery(
             load_s,
         )
     finally:
-        shutil.rmtree(folder, ignore_errors=True)
+        if kept is None:
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def _measure(
@@ -185,7 +204,7 @@ def _measure(
 ) -> dict:
     print(
         f"build {build_s:.2f}s wall, {build_cpu_s:.2f}s CPU "
-        f"({len(gallery) / build_s:.0f} items/s), save {save_s:.2f}s, "
+        f"({len(gallery) / max(build_s, 1e-9):.0f} items/s), save {save_s:.2f}s, "
         f"load {load_s:.2f}s, on disk {size / 2**20:.1f} MiB, M={index.M} "
         f"ef_construction={index.ef_construction} ef={index.ef} "
         f"mask_ef_power={index.mask_ef_power} graph_dims={index.graph_dims}"
@@ -294,6 +313,11 @@ def main() -> None:
         type=int,
         default=300,
         help="held-out queries --calibrate tunes on (apart from the measured ones)",
+    )
+    parser.add_argument(
+        "--index-dir",
+        help="keep each built index here and reuse it on the next run with the same "
+        "arguments (compare search changes on one graph; build figures then not measured)",
     )
     parser.add_argument("--skip-real", action="store_true")
     parser.add_argument("--seed", type=int, default=0)

@@ -12,6 +12,13 @@ For each gallery size (synthetic vectors drawn like real ones: see ``bench_index
   warm: the files were just written); its wall times and peak RSS;
 - sustained ingest (``--sustained``): single adds for a while, automatic checkpoints
   included: items per second as the camera watcher would see them, less the embedding;
+- the camera watcher (``--watcher``): ``examples/camera/watch.py``'s own loop (folder
+  scan, settle, the path check, one committed add per frame with its metadata, watch-list
+  scoring) over a folder of ``--watcher`` frames, with the embedder replaced by the
+  precomputed embeddings (the model's own time per frame is apart from this): frames/s
+  it sustains adding to the index of each size, automatic checkpoints included;
+- peak RSS of this process (``resource.getrusage``), which built the index and ran the
+  rest: an upper bound of what a writer needs.
 - grown through add (``--grow-from``): an index grown from that size to N in batches,
   re-tuned by itself on the way, then masked recall@10 on held-out queries.
 
@@ -26,8 +33,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import re
+import resource
 import shutil
 import subprocess
 import sys
@@ -148,6 +157,62 @@ def sustained(folder: Path, extra: np.ndarray, seconds: float) -> dict:
     return {"adds": n, "seconds": wall, "adds_per_s": n / wall, "checkpoints": checkpoints}
 
 
+class _Precomputed:
+    """The watcher's embedder, answering with embeddings drawn beforehand."""
+
+    model_id = "benchmark"
+
+    def __init__(self, by_name: dict[str, np.ndarray]) -> None:
+        self.by_name = by_name
+
+    def embed(self, paths) -> np.ndarray:
+        return np.stack([self.by_name[Path(p).name] for p in paths])
+
+
+def watcher_rate(folder: Path, extra: np.ndarray, frames: int) -> dict:
+    """examples/camera/watch.py's loop over ``frames`` files, embeddings precomputed."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples" / "camera"))
+    import watch  # noqa: PLC0415
+
+    from cmn_edge.index import Index  # noqa: PLC0415
+
+    logging.getLogger("watch").setLevel(logging.WARNING)  # not 1 log line a frame
+    incoming = folder.parent / "frames"
+    incoming.mkdir()
+    by_name = {}
+    for i in range(frames):
+        name = f"frame-{i:06d}.jpg"
+        (incoming / name).write_bytes(b"x")  # never decoded: the embedder is precomputed
+        by_name[name] = extra[i]
+    old = time.time() - 60  # already settled, in capture order
+    for i, name in enumerate(sorted(by_name)):
+        os.utime(incoming / name, (old + i * 1e-3, old + i * 1e-3))
+    args = watch.parse_args([str(incoming), "--index", str(folder), "--once"])
+    # scored against two watched items, but no MATCH line a frame (cosines stay below 1.01)
+    args.interval, args.settle, args.threshold = 0.0, 0.0, 1.01
+    watcher = watch.Watcher.__new__(watch.Watcher)
+    watcher.args, watcher.stop_reason, watcher.save_failures, watcher.skipped = args, None, 0, 0
+    watcher.index = Index.open(folder, _Precomputed(by_name))
+    watcher.embedder = watcher.index.embedder
+    watcher.watch = watch.load_watch_list(watcher.index, watcher.embedder, None, [0, 1], [])
+    watcher.frames = watch.FrameQueue(incoming, watcher.seen, settle=0.0, give_up=10.0)
+    before, gen0 = len(watcher.index), watcher.index.index._store.checkpoint().gen
+    start = time.perf_counter()
+    ok = watcher.run()
+    wall = time.perf_counter() - start
+    index = ConceptIndex.open(folder)
+    added, checkpoints = len(index) - before, index._store.checkpoint().gen - gen0
+    index.close()
+    shutil.rmtree(incoming)
+    return {
+        "ok": ok,
+        "frames": added,
+        "seconds": wall,
+        "frames_per_s": added / wall,
+        "checkpoints": checkpoints,
+    }
+
+
 def grown(folder: Path, data: np.ndarray, start: int, queries: np.ndarray, args) -> dict:
     index = ConceptIndex(
         data.shape[1],
@@ -209,6 +274,9 @@ def main() -> None:
     parser.add_argument("--ef-construction", type=int, default=200)
     parser.add_argument("--adds", type=int, default=200, help="single adds measured")
     parser.add_argument("--sustained", type=float, default=0, help="seconds of streaming adds")
+    parser.add_argument(
+        "--watcher", type=int, default=0, help="frames the camera watcher's loop adds"
+    )
     parser.add_argument("--grow-from", type=int, default=0, help="grow to each size from this")
     parser.add_argument("--queries", type=int, default=200)
     parser.add_argument("--seed", type=int, default=0)
@@ -222,7 +290,7 @@ def main() -> None:
     print(f"CPU: {os.cpu_count()} logical CPUs, {cpu}; load average {os.getloadavg()[0]:.2f}")
     results = []
     for n in args.sizes:
-        total = n + args.adds + args.queries + max(0, int(args.sustained * 500))
+        total = n + args.adds + args.queries + max(0, int(args.sustained * 500)) + args.watcher
         if labels is not None:
             data = synthetic_classes(real, labels, total, args.seed)
         else:
@@ -253,11 +321,15 @@ def main() -> None:
             row.update(add_one_figures(folder, extra, args.adds))
             if args.sustained:
                 row["sustained"] = sustained(folder, extra[args.adds :], args.sustained)
+            if args.watcher:
+                row["watcher"] = watcher_rate(folder, extra[-args.watcher :], args.watcher)
             if args.grow_from:
                 shutil.rmtree(folder)
                 row["grown"] = grown(folder, gallery, args.grow_from, queries, args)
         finally:
             shutil.rmtree(work, ignore_errors=True)
+        # ru_maxrss: KiB on Linux; the peak of this process so far (all sizes up to this)
+        row["writer_peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         results.append(row)
         print(
             f"\n== {n} items x {gallery.shape[1]} concepts [{cpu}], graph_dims="
@@ -286,6 +358,14 @@ def main() -> None:
                 f"  sustained single adds: {s['adds_per_s']:.0f}/s over {s['seconds']:.0f} s "
                 f"({s['adds']} adds, {s['checkpoints']} automatic checkpoint(s))"
             )
+        if "watcher" in row:
+            w = row["watcher"]
+            print(
+                f"  camera watcher (precomputed embeddings): {w['frames_per_s']:.0f} frames/s "
+                f"over {w['seconds']:.1f} s ({w['frames']} frames, each committed; "
+                f"{w['checkpoints']} automatic checkpoint(s))"
+            )
+        print(f"  peak RSS of the writer process so far: {row['writer_peak_rss_mb']:.0f} MiB")
         if "grown" in row:
             g = row["grown"]
             tail = g["masks"].pop("tail")
