@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 import time
 from contextlib import ExitStack
 from pathlib import Path
@@ -75,12 +76,13 @@ def main() -> None:
     drawn = synthetic_classes(real, labels, args.n + args.queries, args.seed)
     gallery_vectors, queries = drawn[: args.n], drawn[args.n :]
     cameras = [{"camera": f"cam{i % 8}"} for i in range(args.n)]
-    index = ConceptIndex(c, "bench@synthetic")
-    index.auto_checkpoint = False
-    index.add(gallery_vectors, None, cameras)
-    print(f"gallery: {args.n} synthetic items x {c} concepts, drawn like {len(real)} real ones")
-
     with ExitStack() as stack:
+        # on disk without checkpoints: no local graph is built (the truth is an exact scan)
+        folder = stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-pg-"))
+        index = ConceptIndex.create(Path(folder) / "g.idx", c, "bench@synthetic")
+        index.auto_checkpoint = False
+        index.add(gallery_vectors, None, cameras)
+        print(f"gallery: {args.n} synthetic items x {c} concepts, drawn like {len(real)} real")
         url = args.url
         if url is None:
             from pg_cluster import Cluster

@@ -8,6 +8,7 @@ of the old one are not blocked until the final swap.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterator
 
@@ -31,16 +32,17 @@ CALIBRATION_QUERIES = 60
 def calibrate(conn, items: str, vectors: np.ndarray, k: int = 10) -> tuple[int, float | None]:
     """The smallest ``ef_search`` whose recall@k against exact reaches :data:`EF_TARGET`.
 
-    Queries are gallery rows nudged off themselves (halfway to another row, renormalised):
-    like a new photo of a known scene, not a copy the graph has as a node. Masked queries
-    search ``ef / cos(q, q*w) ** ef_power`` deep from this base (see :mod:`.search`).
+    Queries are gallery rows pushed off their cluster by the difference of two other rows
+    (renormalised): like a photo of something the gallery has not seen, not a copy the graph
+    has as a node (those are found at any depth). Masked queries search
+    ``ef / cos(q, q*w) ** ef_power`` deep from this base (see :mod:`.search`).
     """
     n = len(vectors)
     if n <= 4 * k:
         return EF_STEPS[0], None
     rng = np.random.default_rng(0)
-    picks = rng.choice(n, (min(CALIBRATION_QUERIES, n // 2), 2), replace=False)
-    queries = vectors[picks[:, 0]] + vectors[picks[:, 1]]
+    picks = rng.choice(n, (min(CALIBRATION_QUERIES, n // 3), 3), replace=False)
+    queries = vectors[picks[:, 0]] + 0.7 * (vectors[picks[:, 1]] - vectors[picks[:, 2]])
     queries /= np.linalg.norm(queries, axis=1, keepdims=True)
     truth = [set(np.argsort(-(vectors @ q), kind="stable")[:k].tolist()) for q in queries]
     # rows were copied in id order; positions map back through the ordered ids
@@ -66,6 +68,13 @@ def calibrate(conn, items: str, vectors: np.ndarray, k: int = 10) -> tuple[int, 
 def _rows(index: ConceptIndex) -> Iterator[tuple[int, str | None, dict, np.ndarray]]:
     """(id, file path, metadata, unit vector) of every item, from one read snapshot."""
     store = index._store
+    root = index.root  # read once: full_path would look it up for every row
+
+    def full_path(stored: str | None) -> str | None:
+        if stored is None or root is None or os.path.isabs(stored):
+            return stored
+        return str(root / stored)
+
     with store.read() as conn:
         meta: dict[int, dict] = {}
         for item_id, key, value in conn.execute("SELECT id, key, value FROM meta ORDER BY key"):
@@ -77,7 +86,7 @@ def _rows(index: ConceptIndex) -> Iterator[tuple[int, str | None, dict, np.ndarr
         while batch := cursor.fetchmany(BATCH):
             for item_id, path, blob in batch:
                 vector = np.frombuffer(blob, dtype=np.float32)
-                yield int(item_id), index.full_path(path), meta.get(item_id, {}), vector
+                yield int(item_id), full_path(path), meta.get(item_id, {}), vector
 
 
 def export_index(

@@ -5,11 +5,15 @@ and scale the query alone: with ``vector_ip_ops``, ``embedding <#> (q * w)`` *is
 score, so HNSW ranks by the exact masked inner product.
 
 A heavy mask turns the query away from the data the graph was built on, and a default-depth
-walk then misses (recall@10 0.6 with half the concepts masked on 20k items at ``ef_search``
-40-200). As the local index does, the depth grows with how far the mask turns the query,
-``ef = ef_base / cos(q, q*w) ** ef_power``; where that passes pgvector's limit (1000), or the
-rows a query may match are few, an exact scan is cheaper and is used instead. A ``--where``
-filter turns on ``hnsw.iterative_scan`` so the walk continues until enough rows pass it.
+walk can then miss (issue #19 measured recall@10 0.60 with half the concepts masked on 20k
+items at ``ef_search`` 40-200, 1.00 at 1000). As the local index does, the depth grows with
+how far the mask turns the query: ``ef = ef_base / cos(q, q*w) ** ef_power``, ``ef_base``
+calibrated at export for an unmasked query, the power steep on purpose (half the concepts
+masked, cos ~0.7, asks for 17x the depth). Where that passes pgvector's limit (1000), or the
+rows a query may match are few, an exact scan is used instead: a walk that deep costs about
+what the scan does, and the scan is exact. A ``--where`` filter turns on
+``hnsw.iterative_scan`` (relaxed order: every hit is re-scored and sorted here anyway) so
+the walk continues until enough rows pass the filter.
 
 ``renormalize`` (cosine over the kept concepts) has no index order: the HNSW over-fetches by
 the masked inner product with ``q * w * w`` (the cosine's numerator) and the candidates are
