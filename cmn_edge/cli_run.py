@@ -17,7 +17,6 @@ import click
 import numpy as np
 import onnxruntime as ort
 
-from . import preprocess as pp
 from .cli_common import CliError, model_options, user_errors
 from .cpu import this_cpu
 from .dataset import check_retrieval_ready, is_image_file, load_samples
@@ -25,6 +24,7 @@ from .embedder import Embedder, ModelError, list_images
 from .files import atomic_write
 from .metadata import MetadataError, ModelMetadata
 from .metrics import retrieval_metrics
+from .pipeline import stream_batches
 from .registry import BUNDLED, DEFAULT_MODEL, bundled_metrics, choose_precision, models_dir
 
 #: Below this many images a progress bar is more noise than help.
@@ -232,28 +232,39 @@ def embed(
     embeddings: list[np.ndarray] = []
     concept_scores: list[np.ndarray] = []
     errors: list[tuple[Path, str]] = []
+    failed: list[tuple[tuple[int, Path], str]] = []
+    # the one pipeline (decode threads ahead of the model, input order); items carry their
+    # position, so a file given twice and the parquet rows stay where they were asked for
+    batches = stream_batches(
+        list(enumerate(paths)),
+        lambda item: embedder.load(item[1]),
+        lambda batch: embedder.embed_arrays(batch, with_scores=scores),
+        batch_size,
+        embedder.threads.decode,
+        skip_errors,
+        failed,
+    )
+
+    def report_failures() -> int:
+        """Failures the stream recorded since the last call: listed now, as they happen."""
+        new = failed[len(errors) :]
+        for (index, path), message in new:
+            errors.append((path, _reason(path, message)))
+            error_index.append(index)
+            click.echo(f"error: {path}: {errors[-1][1]}", err=True)
+        return len(new)
+
     with _progress(paths, "embedding") as bar:
-        for start in range(0, len(paths), batch_size):
-            chunk = paths[start : start + batch_size]
-            arrays = []
-            for index, path in enumerate(chunk, start):
-                try:
-                    arrays.append(embedder.load(path))
-                    kept.append(path)
-                    kept_index.append(index)
-                except pp.ImageError as exc:
-                    if not skip_errors:
-                        raise
-                    errors.append((path, _reason(path, str(exc))))
-                    error_index.append(index)
-                    click.echo(f"error: {path}: {errors[-1][1]}", err=True)
-            if arrays:
-                result = embedder.embed_arrays(np.stack(arrays), with_scores=scores)
-                embeddings.append(result.embedding)
-                if scores:
-                    concept_scores.append(result.scores)
+        for batch, result in batches:
+            kept_index += [index for index, _ in batch]
+            kept += [path for _, path in batch]
+            embeddings.append(result.embedding)
+            if scores:
+                concept_scores.append(result.scores)
+            done = len(batch) + report_failures()
             if bar is not None:
-                bar.update(len(chunk))
+                bar.update(done)
+    report_failures()  # files that failed after the last batch
     if not kept:
         raise CliError(f"no image could be embedded ({len(errors)} failed)")
     matrix = np.concatenate(embeddings).astype(np.float32, copy=False)

@@ -111,3 +111,33 @@ def test_decode_workers_from_the_command_line_and_the_environment(
     monkeypatch.setenv(DECODE_WORKERS_ENV, "many")
     with pytest.raises(ValueError, match="not a number"):
         ThreadBudget.for_machine()
+
+
+def test_the_embed_command_decodes_in_the_pipeline_threads(
+    labelled_folder: Path, tmp_path: Path, monkeypatch
+) -> None:
+    """``cmn-edge embed FOLDER`` decodes in the pipeline's workers (it once decoded every
+    file in the main thread), keeps the input order, and lists a bad file in its place."""
+    from click.testing import CliRunner
+
+    from cmn_edge.cli import main
+
+    decoded_in: set[str] = set()
+    original = Embedder.load
+
+    def load(self, image):
+        decoded_in.add(threading.current_thread().name)
+        return original(self, image)
+
+    monkeypatch.setattr(Embedder, "load", load)
+    bad = labelled_folder / "cat" / "zz-broken.jpg"
+    bad.write_bytes(b"not a jpeg")
+    out = tmp_path / "rows.npy"
+    args = ["embed", str(labelled_folder), "--output", str(out), "--skip-errors"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert decoded_in and all(name.startswith("cmn-decode") for name in decoded_in)
+    assert "zz-broken.jpg" in result.output
+    files = sorted(p for p in labelled_folder.rglob("*.jpg") if p != bad)
+    rows = np.load(out)
+    assert np.allclose(rows, Embedder(threads=2).embed(files), atol=1e-6)
