@@ -271,7 +271,7 @@ def embed(
     score_matrix = np.concatenate(concept_scores) if scores else None
 
     if fmt == "parquet":
-        from .ray_embed import write_embeddings
+        from .embeddings_folder import write_embeddings
 
         full = np.zeros((len(paths), embedder.num_concepts), np.float32)
         full[kept_index] = matrix

@@ -54,6 +54,24 @@ def publish(temp: str | os.PathLike, target: str | os.PathLike) -> None:
     fsync_dir(Path(target).parent)
 
 
+def publish_folder(temp: str | os.PathLike, target: str | os.PathLike) -> None:
+    """Rename the finished folder ``temp`` to ``target`` (same file system). An earlier
+    ``target`` is moved aside first and removed after: at every moment ``target`` is absent,
+    the old folder or the new one, never a mix."""
+    import shutil
+    import uuid
+
+    temp, target = Path(temp), Path(target)
+    old = None
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
+        os.replace(target, old)
+    os.replace(temp, target)
+    fsync_dir(target.parent if str(target.parent) else Path("."))
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
     """Yield a path beside ``target`` (not yet existing) for a library that writes by path
@@ -133,6 +151,7 @@ def file_sha256(path: str | os.PathLike) -> str:
 
 
 __all__ = [
+    "publish_folder",
     "atomic_path",
     "atomic_write",
     "file_sha256",

@@ -5,9 +5,8 @@ Ray Data reads each file's bytes (``read_binary_files``); a pool of actors, each
 (:func:`cmn_edge.preprocess.load_bytes`, the code path of a local file) and runs the same ONNX
 file at the precision the driver chose, so the vectors equal the local ones. A file that
 cannot be read or decoded becomes a row with its error, not a failed job. The rows stream
-back to the driver, which writes ``--out`` as a folder of Parquet parts beside a hidden
-temporary folder and renames it into place only when the job has finished: a failed job
-leaves no half-written output (and any earlier output as it was).
+back to the driver, which writes ``--out`` as the local engine's embeddings folder
+(:mod:`cmn_edge.embeddings_folder`), renamed into place only when the job has finished.
 
 Ray is an optional extra (``pip install "cmn-edge[scale]"``): nothing here imports it, or
 pyarrow, until a job runs.
@@ -22,7 +21,6 @@ import math
 import os
 import shutil
 import time
-import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,26 +29,29 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from . import preprocess as pp
-from .files import fsync_dir, write_text_atomic
+from .embeddings_folder import (
+    INSTALL_HINT,
+    MANIFEST,
+    MissingExtraError,
+    PartWriter,
+    check_out,
+    finish_folder,
+    read_embeddings,
+    schema,
+    staging,
+    table_of_rows,
+    write_embeddings,
+)
 from .pipeline import stream_batches
 
 if TYPE_CHECKING:  # the scale extra; imported for real only when a job runs
     import pyarrow as pa
 
-INSTALL_HINT = 'pip install "cmn-edge[scale]"'
-#: The folder's description (model, counts, parts); Parquet readers skip ``_`` names.
-MANIFEST = "_cmn_edge.json"
-#: Rows per Parquet part written by the driver.
-ROWS_PER_PART = 100_000
 #: CPUs one read task reserves: reading bytes waits on the disk, and a read task that asks
 #: for a whole CPU cannot start once the actors hold the rest (the job hangs: ray #44687).
 READ_CPUS = 0.25
 #: CPUs an actor reserves per model thread: fractional, so the readers keep a share.
 ACTOR_CPUS_PER_THREAD = 0.75
-
-
-class MissingExtraError(RuntimeError):
-    """Ray Data (the ``scale`` extra) is not installed."""
 
 
 class RayEmbedError(RuntimeError):
@@ -83,50 +84,6 @@ def require_ray() -> Any:
             f"--engine ray needs Ray Data ({missing} is not installed): {INSTALL_HINT}"
         ) from None
     return ray
-
-
-def schema(num_concepts: int) -> pa.Schema:
-    """The Parquet columns: one row per input file, ``embedding`` null where ``error`` is set."""
-    import pyarrow as pa
-
-    return pa.schema(
-        [
-            ("id", pa.int64()),
-            ("path", pa.string()),
-            ("model", pa.string()),
-            ("embedding", pa.list_(pa.float32(), num_concepts)),
-            ("error", pa.string()),
-            ("metadata", pa.string()),  # JSON object, or null
-        ]
-    )
-
-
-def _table(
-    ids: Sequence[int],
-    paths: Sequence[str],
-    model: str,
-    embeddings: np.ndarray,
-    errors: Sequence[str | None],
-    metadata: Sequence[str | None],
-) -> pa.Table:
-    """Rows as a pyarrow table; ``embeddings`` [N, C] with any values where errors are set."""
-    import pyarrow as pa
-
-    count, concepts = embeddings.shape
-    flat = pa.array(np.ascontiguousarray(embeddings, dtype=np.float32).reshape(-1))
-    mask = pa.array([e is not None for e in errors], type=pa.bool_())
-    vectors = pa.FixedSizeListArray.from_arrays(flat, concepts, mask=mask)
-    return pa.Table.from_arrays(
-        [
-            pa.array(ids, pa.int64()),
-            pa.array(paths, pa.string()),
-            pa.array([model] * count, pa.string()),
-            vectors,
-            pa.array(errors, pa.string()),
-            pa.array(metadata, pa.string()),
-        ],
-        schema=schema(concepts),
-    )
 
 
 def _reason(path: str, message: str) -> str:
@@ -207,7 +164,7 @@ def _rows(
     reasons = result.column("error").to_pylist()
     take = [(i, entry) for i, source in enumerate(sources) for entry in entries[_key(source)]]
     rows = [i for i, _ in take]
-    return _table(
+    return table_of_rows(
         [entry[0] for _, entry in take],
         [entry[1] for _, entry in take],
         model_id,
@@ -229,73 +186,6 @@ def _unreadable(path: Path) -> str | None:
     if path.stat().st_size == 0:
         return "file is empty"
     return None
-
-
-def _check_out(out: Path) -> None:
-    """``--out`` is a new folder, or one this command wrote before (it is replaced)."""
-    if out.exists() and not out.is_dir():
-        raise RayEmbedError(f"{out}: is a file; Parquet output is written as a folder")
-    if out.is_dir() and any(out.iterdir()) and not (out / MANIFEST).is_file():
-        raise RayEmbedError(
-            f"{out}: folder is not empty and was not written by cmn-edge embed (no {MANIFEST}); "
-            "give a new or empty folder"
-        )
-    parent = out.parent if str(out.parent) else Path(".")
-    if not parent.is_dir():
-        raise RayEmbedError(f"{out}: output folder {parent} does not exist")
-    if not os.access(parent, os.W_OK):
-        raise RayEmbedError(f"{out}: output folder {parent} is not writable")
-
-
-def _publish_folder(temp: Path, out: Path) -> None:
-    """Rename the finished ``temp`` folder to ``out``. An earlier output is moved aside first
-    and removed after: at every moment ``out`` is absent, the old folder or the new one."""
-    old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
-        os.replace(out, old)
-    os.replace(temp, out)
-    fsync_dir(out.parent if str(out.parent) else Path("."))
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-class _PartWriter:
-    """Tables -> ``part-00000.parquet``, ``part-00001.parquet``, ... of ``ROWS_PER_PART`` rows
-    each, every part fsynced when closed (the folder is renamed into place after)."""
-
-    def __init__(self, folder: Path, table_schema: pa.Schema) -> None:
-        self.folder, self.schema = folder, table_schema
-        self.parts: list[Path] = []
-        self.rows = 0
-        self._writer: Any = None
-        self._in_part = 0
-
-    def write(self, table: pa.Table) -> None:
-        import pyarrow.parquet as pq
-
-        start = 0
-        while start < table.num_rows:
-            if self._writer is None:
-                self.parts.append(self.folder / f"part-{len(self.parts):05d}.parquet")
-                self._writer = pq.ParquetWriter(self.parts[-1], self.schema)
-            head = table.slice(start, ROWS_PER_PART - self._in_part)
-            self._writer.write_table(head)
-            start += head.num_rows
-            self.rows += head.num_rows
-            self._in_part += head.num_rows
-            if self._in_part == ROWS_PER_PART:
-                self._finish()
-
-    def _finish(self) -> None:
-        self._writer.close()
-        self._writer, self._in_part = None, 0
-        with open(self.parts[-1], "rb") as handle:
-            os.fsync(handle.fileno())
-
-    def close(self) -> None:
-        if self._writer is not None:
-            self._finish()
 
 
 @contextlib.contextmanager
@@ -320,106 +210,6 @@ def _ray_session(ray: Any, address: str | None):
         yield
     finally:
         ray.shutdown()
-
-
-def _finish_folder(
-    temp: Path,
-    out: Path,
-    writer: _PartWriter,
-    *,
-    engine: str,
-    model_id: str,
-    precision: str,
-    concept_names: list[str],
-    embedded: int,
-    errors: int,
-) -> None:
-    """Close the parts, write the manifest and rename ``temp`` to ``out``."""
-    writer.close()
-    concepts = writer.schema.field("embedding").type.list_size
-    manifest = {
-        "format": "cmn-edge embeddings",
-        "engine": engine,
-        "model": model_id,
-        "precision": precision,
-        "num_concepts": concepts,
-        "concept_names": concept_names,
-        "rows": writer.rows,
-        "embedded": embedded,
-        "errors": errors,
-        "parts": [p.name for p in writer.parts],
-        "columns": {
-            "id": "position in the input list (the local embed's row order)",
-            "path": "the path as given",
-            "model": "model name @ file hash",
-            "embedding": f"float32[{concepts}], unit norm; null where error is set",
-            "error": "why the file could not be embedded; null on success",
-            "metadata": "JSON object or null",
-        },
-    }
-    write_text_atomic(temp / MANIFEST, json.dumps(manifest, indent=2) + "\n")
-    _publish_folder(temp, out)
-
-
-def _staging(out: Path) -> Path:
-    """A new hidden folder beside ``out`` for the parts (same file system: rename works)."""
-    temp = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:8]}")
-    temp.mkdir()
-    return temp
-
-
-def write_embeddings(
-    out: str | os.PathLike,
-    paths: Sequence[str | os.PathLike],
-    embeddings: np.ndarray,
-    errors: Sequence[str | None],
-    *,
-    model_id: str,
-    precision: str,
-    concept_names: Sequence[str] = (),
-    metadata: Sequence[str | None] | None = None,
-    engine: str = "local",
-) -> Path:
-    """The local engine's Parquet output: the Ray engine's folder layout, from rows in hand.
-
-    ``embeddings`` [N, C] has a row for every path (any values where ``errors`` is set); row
-    ``i`` gets id ``i``.
-    """
-    try:
-        import pyarrow  # noqa: F401
-    except ImportError:
-        raise MissingExtraError(f"--format parquet needs pyarrow: {INSTALL_HINT}") from None
-    out = Path(out)
-    _check_out(out)
-    given = [str(p) for p in paths]
-    temp = _staging(out)
-    try:
-        writer = _PartWriter(temp, schema(embeddings.shape[1]))
-        writer.write(
-            _table(
-                list(range(len(given))),
-                given,
-                model_id,
-                embeddings,
-                list(errors),
-                list(metadata) if metadata is not None else [None] * len(given),
-            )
-        )
-        _finish_folder(
-            temp,
-            out,
-            writer,
-            engine=engine,
-            model_id=model_id,
-            precision=precision,
-            concept_names=list(concept_names),
-            embedded=sum(e is None for e in errors),
-            errors=sum(e is not None for e in errors),
-        )
-    except BaseException:
-        shutil.rmtree(temp, ignore_errors=True)
-        raise
-    return out
 
 
 def embed_with_ray(
@@ -447,7 +237,7 @@ def embed_with_ray(
     from .embedder import Embedder
 
     out = Path(out)
-    _check_out(out)
+    check_out(out)
     started = time.perf_counter()
     # One model thread per actor by default: more actors, not more threads, is how Ray
     # spreads over nodes, and on 2 cores 2 actors x 1 thread beat 1 x 2 (benchmarks/).
@@ -470,11 +260,11 @@ def embed_with_ray(
         else:
             early.append((index, path, reason))
 
-    temp = _staging(out)
+    temp = staging(out)
     errors: list[tuple[int, str, str]] = list(early)
     embedded = 0
     try:
-        writer = _PartWriter(temp, schema(concepts))
+        writer = PartWriter(temp, schema(concepts))
         with _ray_session(ray, address):
             context = ray.data.DataContext.get_current()
             context.execution_options.preserve_order = True  # parts in input order
@@ -515,7 +305,7 @@ def embed_with_ray(
         if early:
             zeros = np.zeros((len(early), concepts), np.float32)
             writer.write(
-                _table(
+                table_of_rows(
                     [i for i, _, _ in early],
                     [p for _, p, _ in early],
                     model_id,
@@ -525,7 +315,7 @@ def embed_with_ray(
                 )
             )
         errors.sort()
-        _finish_folder(
+        finish_folder(
             temp,
             out,
             writer,
@@ -551,22 +341,6 @@ def embed_with_ray(
     )
 
 
-def read_embeddings(folder: str | os.PathLike) -> pa.Table:
-    """The rows of an ``--out`` folder as one pyarrow table, sorted by ``id``."""
-    try:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-    except ImportError:
-        raise MissingExtraError(f"reading Parquet needs pyarrow: {INSTALL_HINT}") from None
-    folder = Path(folder)
-    manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
-    tables = [pq.read_table(folder / name) for name in manifest["parts"]]
-
-    if not tables:
-        return schema(manifest["num_concepts"]).empty_table()
-    return pa.concat_tables(tables).sort_by("id")
-
-
 __all__ = [
     "INSTALL_HINT",
     "MANIFEST",
@@ -574,8 +348,7 @@ __all__ = [
     "RayEmbedError",
     "RayEmbedResult",
     "embed_with_ray",
-    "write_embeddings",
     "read_embeddings",
     "require_ray",
-    "schema",
+    "write_embeddings",
 ]

@@ -172,11 +172,11 @@ def test_glob_metadata_and_replacing_an_earlier_output(local_ray, photos, tmp_pa
 def test_a_failed_write_leaves_no_output(tmp_path, monkeypatch):
     """The staging folder is removed and the earlier output kept when writing fails."""
     pytest.importorskip("pyarrow")
-    from cmn_edge import ray_embed
+    from cmn_edge import embeddings_folder as folder
 
     out = tmp_path / "vectors"
     vectors = np.eye(3, 4, dtype=np.float32)
-    ray_embed.write_embeddings(
+    folder.write_embeddings(
         out, ["a", "b", "c"], vectors, [None, None, "bad"], model_id="m@1", precision="fp32"
     )
     before = sorted(p.name for p in out.iterdir())
@@ -184,14 +184,12 @@ def test_a_failed_write_leaves_no_output(tmp_path, monkeypatch):
     def full_disk(self, table):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(ray_embed._PartWriter, "write", full_disk)
+    monkeypatch.setattr(folder.PartWriter, "write", full_disk)
     with pytest.raises(OSError):
-        ray_embed.write_embeddings(
-            out, ["d"], vectors[:1], [None], model_id="m@1", precision="fp32"
-        )
+        folder.write_embeddings(out, ["d"], vectors[:1], [None], model_id="m@1", precision="fp32")
     assert sorted(p.name for p in out.iterdir()) == before
     assert [p.name for p in tmp_path.iterdir()] == ["vectors"]
-    assert ray_embed.read_embeddings(out)["path"].to_pylist() == ["a", "b", "c"]
+    assert folder.read_embeddings(out)["path"].to_pylist() == ["a", "b", "c"]
 
 
 MISSING_EXTRA = textwrap.dedent(
