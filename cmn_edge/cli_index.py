@@ -388,9 +388,18 @@ def build(
 @METADATA_OPTION
 @BATCH_OPTION
 @click.option("--strict", is_flag=True, help="Stop at the first unreadable image.")
+@click.option("--regions", is_flag=True, help="A new index keeps region maps (see `index build`).")
 @user_errors
 def sync(
-    folder: Path, index_dir: Path, model, precision, threads, metadata_csv, batch_size, strict
+    folder: Path,
+    index_dir: Path,
+    model,
+    precision,
+    threads,
+    metadata_csv,
+    batch_size,
+    strict,
+    regions,
 ):
     """Bring the index in step with FOLDER: embed new images, re-embed changed ones (size and
     mtime, then content hash), remove vanished ones. Paths are stored relative to FOLDER, so
@@ -404,7 +413,9 @@ def sync(
     else:
         if index_dir.is_dir() and any(index_dir.iterdir()):
             raise CliError(f"{index_dir}: directory is not empty and holds no index")
-        idx = Index.create(index_dir, model=model, precision=precision, threads=threads)
+        idx = Index.create(
+            index_dir, model=model, precision=precision, threads=threads, regions=regions
+        )
     report = _run_sync(idx, folder, batch_size, strict, metadata)
     click.echo(f"{report.summary()}; {len(idx)} items in {index_dir}")
 
