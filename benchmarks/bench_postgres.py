@@ -74,6 +74,8 @@ def main() -> None:
     parser.add_argument("--url", help="an existing server (default: a throwaway one)")
     parser.add_argument("--table", default="bench_gallery")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--hnsw-m", type=int, default=16)
+    parser.add_argument("--hnsw-ef-construction", type=int, default=64)
     parser.add_argument(
         "--queries-only",
         dest="reuse",
@@ -108,12 +110,20 @@ def main() -> None:
         if args.reuse:
             summary = None
         else:
-            summary = export_index(index, url, table=args.table, replace=True)
+            summary = export_index(
+                index,
+                url,
+                table=args.table,
+                replace=True,
+                m=args.hnsw_m,
+                ef_construction=args.hnsw_ef_construction,
+            )
         total = time.perf_counter() - start
         if summary:
             print(
-                f"export: {total:.1f}s (COPY {summary['copy_s']:.1f}s; HNSW build m=16 "
-                f"ef_construction=64, GIN, calibration {summary['index_s']:.1f}s); "
+                f"export: {total:.1f}s (COPY {summary['copy_s']:.1f}s; HNSW build m={args.hnsw_m} "
+                f"ef_construction={args.hnsw_ef_construction}, GIN, calibration "
+                f"{summary['index_s']:.1f}s); "
                 f"{summary['bytes'] / 2**20:.0f} MiB with indexes; calibrated ef_search "
                 f"{summary['ef_search']} (recall@10 {summary['ef_recall']})"
             )
