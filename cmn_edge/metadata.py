@@ -23,6 +23,14 @@ OUTPUT_ATTENTION = "attention"
 #: Per-region concept responses [N, R, C] (R = region_grid cells, each row unit length): the
 #: region features DIML's structural matching transports between two images.
 OUTPUT_REGIONS = "regions"
+#: DGML only: each group's attention map [N, G, h, w] (its ``attention`` output gives every
+#: embedding dimension the map of its group, so readers of CMN graphs read it unchanged).
+OUTPUT_GROUP_ATTENTION = "group_attention"
+
+#: Head types a model may declare (``head`` in the metadata; absent means "cmn"). A "dgml"
+#: graph has the CMN outputs (embedding, concept_scores, attention) with one embedding
+#: dimension per "concept": G groups of D dimensions, ``num_concepts`` = G x D.
+HEAD_TYPES = ("cmn", "dgml")
 
 
 class MetadataError(ValueError):
@@ -63,6 +71,11 @@ class ModelMetadata:
     quantization: dict[str, Any] = field(default_factory=dict)
     #: (rows, cols) of the ``regions`` output; (0, 0): the graph has none (older exports)
     region_grid: tuple[int, int] = (0, 0)
+    #: the embedding head: "cmn" (concepts; every file written before heads existed) or
+    #: "dgml" (attentive groups: ``groups`` x ``group_dim`` dimensions; 0 for a CMN)
+    head: str = "cmn"
+    groups: int = 0
+    group_dim: int = 0
     format_version: int = FORMAT_VERSION
 
     def to_json(self) -> str:
@@ -99,6 +112,9 @@ class ModelMetadata:
                 source_checkpoint_sha256=str(raw.get("source_checkpoint_sha256", "")),
                 quantization=dict(raw.get("quantization", {})),
                 region_grid=tuple(int(v) for v in raw.get("region_grid", (0, 0))),
+                head=str(raw.get("head", "cmn")),
+                groups=int(raw.get("groups", 0)),
+                group_dim=int(raw.get("group_dim", 0)),
                 format_version=version,
             )
         except MetadataError:
@@ -109,6 +125,19 @@ class ModelMetadata:
             raise MetadataError(
                 f"{source}: {len(meta.concept_names)} concept names for "
                 f"{meta.num_concepts} concepts"
+            )
+        if meta.head not in HEAD_TYPES:
+            raise MetadataError(
+                f"{source}: head '{meta.head}' is not supported by this runtime "
+                f"(known: {', '.join(HEAD_TYPES)}); upgrade cmn-edge"
+            )
+        if meta.head == "dgml" and (
+            min(meta.groups, meta.group_dim) < 1
+            or meta.groups * meta.group_dim != meta.num_concepts
+        ):
+            raise MetadataError(
+                f"{source}: DGML metadata says {meta.groups} groups of {meta.group_dim} "
+                f"dimensions for a {meta.num_concepts}-d embedding"
             )
         if meta.preprocess.channel_order not in ("RGB", "BGR"):
             raise MetadataError(f"{source}: unknown channel order {meta.preprocess.channel_order}")

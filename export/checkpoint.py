@@ -11,7 +11,7 @@ import torch
 from cmn_edge.files import atomic_write
 from cmn_edge.files import file_sha256 as file_sha256  # callers import it from here
 
-from .model import CMN
+from .model import CMN, BackboneModel
 
 CHECKPOINT_FORMAT = "cmn-export-checkpoint/1"
 
@@ -62,8 +62,11 @@ def load_checkpoint(path: str | Path, trusted: bool = False) -> dict:
     return state
 
 
-def model_from_checkpoint(path: str | Path) -> tuple[CMN, dict]:
-    """A CMN and its training config from a cmn-export checkpoint."""
+def model_from_checkpoint(path: str | Path) -> tuple[BackboneModel, dict]:
+    """The model (CMN or DGML: the config's ``head``, CMN when absent, as in every checkpoint
+    written before heads existed) and its training config from a cmn-export checkpoint."""
+    from .heads import build_model
+
     state = load_checkpoint(path)
     if state.get("format") != CHECKPOINT_FORMAT or "model" not in state:
         raise CheckpointError(
@@ -71,12 +74,14 @@ def model_from_checkpoint(path: str | Path) -> tuple[CMN, dict]:
             "--upstream-checkpoint)"
         )
     config = state["config"]
-    model = CMN(config["backbone"], config["num_concepts"], pretrained=False)
+    try:
+        model = build_model(config)
+    except (ValueError, KeyError) as exc:
+        raise CheckpointError(f"{path}: config does not describe a model ({exc})") from None
     try:
         model.load_state_dict(state["model"], strict=True)
     except RuntimeError as exc:
         raise CheckpointError(f"{path}: weights do not fit the model ({exc})") from None
-    model.input_size = config["input_size"]
     return model, config
 
 

@@ -1,4 +1,5 @@
-"""``cmn-export``: train a CMN, export it to ONNX, quantize it to INT8, validate it."""
+"""``cmn-export``: train a CMN (or DGML, ``--head dgml``), export it to ONNX, quantize it to
+INT8, validate it."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ import click
 from cmn_edge.cli_common import CliError, debug_option
 from cmn_edge.cli_common import user_errors as _user_errors
 
+from .heads import HEADS
+
 
 @click.group()
 @debug_option
@@ -18,11 +21,28 @@ def main() -> None:
     """Training side of cmn-edge."""
 
 
+def head_options(func):
+    """``--head`` and every head's own options, from the table in ``export/heads.py``."""
+    for spec in reversed(list(HEADS.values())):
+        for opt in reversed(spec.options):
+            func = click.option(
+                opt.flag, opt.key, default=opt.default, show_default=True, help=opt.help
+            )(func)
+    return click.option(
+        "--head",
+        type=click.Choice(list(HEADS)),
+        default="cmn",
+        show_default=True,
+        help="Embedding head: " + "; ".join(f"{s.name}: {s.description}" for s in HEADS.values()),
+    )(func)
+
+
 @main.command()
 @click.argument("datasets", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--out", "out_dir", default="runs/cmn", show_default=True, type=click.Path())
 @click.option("--backbone", default="tf_efficientnet_lite0", show_default=True)
-@click.option("--concepts", "num_concepts", default=512, show_default=True)
+@head_options
+@click.option("--concepts", "num_concepts", default=512, show_default=True, help="CMN: concepts.")
 @click.option("--input-size", default=224, show_default=True)
 @click.option(
     "--mode",
@@ -73,11 +93,20 @@ def train(datasets, resume, no_pretrained, **options) -> None:
 
     from .backbones import WeightsError
     from .checkpoint import CheckpointError
+    from .heads import head_option_values
     from .train import TrainConfig
     from .train import train as run_training
 
+    given = {o.key: options.pop(o.key) for spec in HEADS.values() for o in spec.options}
+    try:
+        chosen = head_option_values(options["head"], given)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
     config = TrainConfig(
-        datasets=[str(d) for d in datasets], pretrained=not no_pretrained, **options
+        datasets=[str(d) for d in datasets],
+        pretrained=not no_pretrained,
+        head_options=chosen,
+        **options,
     )
     try:
         best = run_training(config, resume=resume)
@@ -195,9 +224,12 @@ def onnx_command(checkpoint, upstream_checkpoint, out, name, concept_names) -> N
     from .onnx_export import read_metadata
 
     meta = read_metadata(path)
+    size = f"C={meta.num_concepts}"
+    if meta.head == "dgml":
+        size = f"DGML G={meta.groups} x D={meta.group_dim}"
     click.echo(
         f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB): {meta.backbone}, "
-        f"C={meta.num_concepts}, grid {meta.attention_grid[0]}x{meta.attention_grid[1]}, "
+        f"{size}, grid {meta.attention_grid[0]}x{meta.attention_grid[1]}, "
         f"input {meta.preprocess.input_size}; PyTorch vs ONNX max abs diff {diff:.1e}"
     )
 

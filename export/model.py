@@ -11,7 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .backbones import Backbone, get_spec
+from cmn_edge.metadata import OUTPUT_ATTENTION, OUTPUT_EMBEDDING, OUTPUT_SCORES
+
+from .backbones import Backbone, BackboneSpec, get_spec
 
 
 class ConceptHead(nn.Module):
@@ -86,6 +88,30 @@ class ConceptHead(nn.Module):
     def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.attend(features, self.concept_keys(), self.concept_queries())
 
+    def simulate_int8(self, simulation, quantize_output) -> None:
+        """``cmn-export qat``: INT8 rounding where the exported graph has it (the token
+        projection's weights per channel and its input and output; the projected keys and
+        queries, constants in the graph, per concept)."""
+        from torch.nn.utils import parametrize
+
+        from .qat import _PerChannelWeights, fake_quantize_rows
+
+        parametrize.register_parametrization(
+            self.token_proj, "weight", _PerChannelWeights(simulation)
+        )
+        simulation.parametrized.append(self.token_proj)
+        for module in (self.token_norm, self.token_proj, self.key_proj, self.query_proj):
+            if module in (self.key_proj, self.query_proj):
+                # the exported graph holds the projected keys/queries as constant weights,
+                # quantized per concept
+                simulation.hooks.append(
+                    module.register_forward_hook(
+                        lambda _m, _i, out: fake_quantize_rows(out) if simulation.enabled else out
+                    )
+                )
+            else:
+                quantize_output(module)
+
     def separation_loss(self) -> torch.Tensor:
         """mean log(1 + |cos|) between distinct concept vectors, times C, as upstream."""
         unit = F.normalize(self.concepts, dim=-1)
@@ -94,8 +120,73 @@ class ConceptHead(nn.Module):
         return torch.log1p(off_diagonal.abs()).mean() * correlation.shape[1]
 
 
-class CMN(nn.Module):
+class BackboneModel(nn.Module):
+    """A backbone and an embedding head: what training, export and qat share between heads
+    (``export/heads.py`` lists them). Subclasses set ``spec``, ``backbone`` and ``head``."""
+
+    #: the metadata's head type, and the name of the head's own regularising loss
+    head_type = ""
+    regulariser = ""
+    #: the graph outputs of ``exportable()``, in order; the first three are what the runtime
+    #: reads from any model
+    output_names: tuple[str, ...] = (OUTPUT_EMBEDDING, OUTPUT_SCORES, OUTPUT_ATTENTION)
+    #: whether the exported graph gets DIML's ``regions`` output (``export/regions.py``)
+    has_regions = False
+    spec: BackboneSpec
+    backbone: Backbone
+    head: nn.Module
+
+    @property
+    def num_concepts(self) -> int:
+        """The embedding's size (the metadata's ``num_concepts``)."""
+        raise NotImplementedError
+
+    def freeze_batchnorm(self) -> None:
+        """Keep ImageNet BatchNorm statistics and affine terms (small metric-learning batches)."""
+        for module in self.backbone.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.eval()
+                for param in module.parameters():
+                    param.requires_grad_(False)
+
+    def embed_features(self, features: torch.Tensor) -> torch.Tensor:
+        """The L2-normalised embedding of a backbone feature map."""
+        raise NotImplementedError
+
+    def training_terms(
+        self, features: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(embedding, what the metric loss takes, the head's regularising loss)."""
+        raise NotImplementedError
+
+    def explain_features(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def exportable(self) -> nn.Module:
+        """The inference module that is traced to ONNX (outputs: ``output_names``)."""
+        raise NotImplementedError
+
+    def metadata_fields(self) -> dict:
+        """Head-specific ONNX metadata fields (none: the defaults, which mean CMN)."""
+        return {}
+
+    def explain(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.explain_features(self.backbone(images))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.embed_features(self.backbone(images))
+
+    def forward_tail(self, trunk_features: torch.Tensor) -> torch.Tensor:
+        """Embedding from cached trunk features, for tuning the last stages on a CPU."""
+        return self.embed_features(self.backbone.tail(trunk_features))
+
+
+class CMN(BackboneModel):
     """Backbone + concept head. ``forward`` returns the L2-normalised embedding [B, C]."""
+
+    head_type = "cmn"
+    regulariser = "separation"
+    has_regions = True
 
     def __init__(
         self,
@@ -114,19 +205,8 @@ class CMN(nn.Module):
     def num_concepts(self) -> int:
         return self.head.num_concepts
 
-    def freeze_batchnorm(self) -> None:
-        """Keep ImageNet BatchNorm statistics and affine terms (small metric-learning batches)."""
-        for module in self.backbone.modules():
-            if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                module.eval()
-                for param in module.parameters():
-                    param.requires_grad_(False)
-
-    def explain(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Embedding, raw scores and attention maps [B, C, h, w]."""
-        return self.explain_features(self.backbone(images))
-
     def explain_features(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Embedding, raw scores and attention maps [B, C, h, w]."""
         scores, attention = self.head(features)
         h, w = features.shape[-2:]
         return {
@@ -135,14 +215,19 @@ class CMN(nn.Module):
             "attention": attention.reshape(attention.shape[0], attention.shape[1], h, w),
         }
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        scores, _ = self.head(self.backbone(images))
+    def embed_features(self, features: torch.Tensor) -> torch.Tensor:
+        scores, _ = self.head(features)
         return F.normalize(scores, dim=-1)
 
-    def forward_tail(self, trunk_features: torch.Tensor) -> torch.Tensor:
-        """Embedding from cached trunk features, for tuning the last stages on a CPU."""
-        scores, _ = self.head(self.backbone.tail(trunk_features))
-        return F.normalize(scores, dim=-1)
+    def training_terms(
+        self, features: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(embedding, the embedding again for the metric loss, concept separation)."""
+        embedding = self.embed_features(features)
+        return embedding, embedding, self.head.separation_loss()
+
+    def exportable(self) -> nn.Module:
+        return ExportableCMN(self)
 
 
 class ExportableCMN(nn.Module):

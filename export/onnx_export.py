@@ -11,22 +11,16 @@ import torch
 from torch import nn
 
 from cmn_edge.files import atomic_write
-from cmn_edge.metadata import (
-    INPUT_NAME,
-    METADATA_KEY,
-    OUTPUT_ATTENTION,
-    OUTPUT_EMBEDDING,
-    OUTPUT_SCORES,
-    ModelMetadata,
-)
+from cmn_edge.metadata import INPUT_NAME, METADATA_KEY, ModelMetadata
 
-from .model import CMN, ExportableCMN
+from .model import BackboneModel
 from .regions import DEFAULT_GRID, add_region_output
 
 OPSET = 17
 
 
-def build_metadata(model: CMN, name: str, **fields) -> ModelMetadata:
+def build_metadata(model: BackboneModel, name: str, **fields) -> ModelMetadata:
+    """The runtime's metadata of ``model``, with its head's own fields (type, G, D)."""
     input_size = int(getattr(model, "input_size", 224))
     grid = input_size // model.spec.stride
     return ModelMetadata(
@@ -35,7 +29,7 @@ def build_metadata(model: CMN, name: str, **fields) -> ModelMetadata:
         num_concepts=model.num_concepts,
         attention_grid=(grid, grid),
         preprocess=model.spec.preprocess(input_size),
-        **fields,
+        **{**model.metadata_fields(), **fields},
     )
 
 
@@ -48,14 +42,24 @@ def write_metadata(onnx_model: onnx.ModelProto, metadata: ModelMetadata) -> None
         "cmn_edge.num_concepts": str(metadata.num_concepts),
         "cmn_edge.input_size": str(metadata.preprocess.input_size),
         "cmn_edge.precision": metadata.precision,
+        "cmn_edge.head": metadata.head,
     }
+    if metadata.head == "dgml":
+        plain["cmn_edge.groups"] = str(metadata.groups)
+        plain["cmn_edge.group_dim"] = str(metadata.group_dim)
     kept = [p for p in onnx_model.metadata_props if p.key not in plain]
     del onnx_model.metadata_props[:]
     onnx_model.metadata_props.extend(kept)
     for key, value in plain.items():
         onnx_model.metadata_props.add(key=key, value=value)
     onnx_model.producer_name = "cmn-export"
-    onnx_model.doc_string = f"CMN {metadata.name}: {metadata.backbone}, C={metadata.num_concepts}"
+    if metadata.head == "dgml":
+        shape = f"G={metadata.groups} x D={metadata.group_dim}"
+        onnx_model.doc_string = f"DGML {metadata.name}: {metadata.backbone}, {shape}"
+    else:
+        onnx_model.doc_string = (
+            f"CMN {metadata.name}: {metadata.backbone}, C={metadata.num_concepts}"
+        )
 
 
 def read_metadata(path: str | Path) -> ModelMetadata:
@@ -114,26 +118,27 @@ def static_same_padding(module: nn.Module, size: int) -> int:
 
 
 def export_onnx(
-    model: CMN,
+    model: BackboneModel,
     path: str | Path,
     metadata: ModelMetadata,
     region_grid: tuple[int, int] = DEFAULT_GRID,
 ) -> Path:
-    """Trace the inference graph (concept projections folded to constants), dynamic batch,
-    plus the ``regions`` output for structural matching (``(0, 0)``: without it)."""
+    """Trace the inference graph (the head's input-independent projections folded to
+    constants), dynamic batch, plus the ``regions`` output for structural matching on heads
+    that have it (the CMN; ``(0, 0)``: without it)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     size = metadata.preprocess.input_size
-    exportable = ExportableCMN(copy.deepcopy(model).cpu().eval()).eval()
+    exportable = copy.deepcopy(model).cpu().eval().exportable().eval()
     static_same_padding(exportable.backbone, size)
     dummy = torch.randn(2, 3, size, size)
     tmp = path.with_name(f".{path.name}.export.tmp")  # torch's own output, before metadata
     try:
-        _trace(exportable, dummy, tmp)
+        _trace(exportable, dummy, tmp, model.output_names)
         onnx_model = onnx.load(str(tmp))
     finally:
         tmp.unlink(missing_ok=True)
-    if region_grid != (0, 0):
+    if region_grid != (0, 0) and model.has_regions:
         # a small input has a small attention grid: never more regions than it has cells
         grid = tuple(min(g, a) for g, a in zip(region_grid, metadata.attention_grid))
         onnx_model, metadata = add_region_output(onnx_model, metadata, grid)
@@ -144,7 +149,7 @@ def export_onnx(
     return path
 
 
-def _trace(exportable: nn.Module, dummy: torch.Tensor, out: Path) -> None:
+def _trace(exportable: nn.Module, dummy: torch.Tensor, out: Path, outputs: tuple[str, ...]) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(
@@ -152,13 +157,8 @@ def _trace(exportable: nn.Module, dummy: torch.Tensor, out: Path) -> None:
             (dummy,),
             str(out),
             input_names=[INPUT_NAME],
-            output_names=[OUTPUT_EMBEDDING, OUTPUT_SCORES, OUTPUT_ATTENTION],
-            dynamic_axes={
-                INPUT_NAME: {0: "batch"},
-                OUTPUT_EMBEDDING: {0: "batch"},
-                OUTPUT_SCORES: {0: "batch"},
-                OUTPUT_ATTENTION: {0: "batch"},
-            },
+            output_names=list(outputs),
+            dynamic_axes={name: {0: "batch"} for name in (INPUT_NAME, *outputs)},
             opset_version=OPSET,
             do_constant_folding=True,
             dynamo=False,

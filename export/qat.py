@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from . import data as D
 from .checkpoint import CHECKPOINT_FORMAT, load_checkpoint, model_from_checkpoint, save_atomic
-from .model import CMN
+from .model import BackboneModel
 
 
 class _PerChannelWeights(nn.Module):
@@ -96,8 +96,9 @@ class Simulation:
             parametrize.remove_parametrizations(module, "weight", leave_parametrized=False)
 
 
-def simulate_int8(model: CMN) -> Simulation:
-    """Attach INT8 rounding where onnxruntime's QDQ quantization of a CMN puts it."""
+def simulate_int8(model: BackboneModel) -> Simulation:
+    """Attach INT8 rounding where onnxruntime's QDQ quantization of the model puts it (the
+    head says where in itself: ``simulate_int8`` of ``ConceptHead`` / ``GroupHead``)."""
     sim = Simulation([], [], [])
 
     def quantize_output(module: nn.Module) -> None:
@@ -118,20 +119,7 @@ def simulate_int8(model: CMN) -> Simulation:
     for block in backbone.modules():
         if type(block).__name__ in ("DepthwiseSeparableConv", "InvertedResidual", "Bottleneck"):
             quantize_output(block)  # after the residual add
-    head = model.head
-    parametrize.register_parametrization(head.token_proj, "weight", _PerChannelWeights(sim))
-    sim.parametrized.append(head.token_proj)
-    for module in (head.token_norm, head.token_proj, head.key_proj, head.query_proj):
-        if module in (head.key_proj, head.query_proj):
-            # the exported graph holds the projected keys/queries as constant weights,
-            # quantized per concept
-            sim.hooks.append(
-                module.register_forward_hook(
-                    lambda _m, _i, out: fake_quantize_rows(out) if sim.enabled else out
-                )
-            )
-        else:
-            quantize_output(module)
+    model.head.simulate_int8(sim, quantize_output)
     return sim
 
 

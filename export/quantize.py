@@ -132,15 +132,25 @@ class QuantizeResult:
 
 
 def backbone_output(graph: onnx.GraphProto) -> str:
-    """The backbone's feature map: the tensor the head's first LayerNormalization reads,
-    followed back through pure layout ops; failing that, the last Conv's output."""
+    """The backbone's feature map: the tensor the head's first LayerNormalization reads (a
+    CMN) or, without one, its first MatMul with a constant weight (a DGML: the folded group
+    keys), followed back through pure layout ops; failing both, the last Conv's output."""
     producers = {out: node for node in graph.node for out in node.output}
+    constants = {init.name for init in graph.initializer}
+
+    def behind_layout(tensor: str) -> str:
+        while tensor in producers and producers[tensor].op_type in _LAYOUT_OPS:
+            tensor = producers[tensor].input[0]
+        return tensor
+
     for node in graph.node:
         if node.op_type == "LayerNormalization":
-            tensor = node.input[0]
-            while tensor in producers and producers[tensor].op_type in _LAYOUT_OPS:
-                tensor = producers[tensor].input[0]
-            return tensor
+            return behind_layout(node.input[0])
+    for node in graph.node:
+        if node.op_type not in ("MatMul", "Gemm") or node.input[0] in constants:
+            continue
+        if constants & set(node.input[1:]):
+            return behind_layout(node.input[0])
     convs = [node for node in graph.node if node.op_type == "Conv"]
     if not convs:
         raise QuantizeError("graph has neither a LayerNormalization nor a Conv: not a CMN")

@@ -91,6 +91,11 @@ def add_region_output(
     model: onnx.ModelProto, metadata: ModelMetadata, grid: tuple[int, int] = DEFAULT_GRID
 ) -> tuple[onnx.ModelProto, ModelMetadata]:
     """A copy of ``model`` with the ``regions`` output [N, rows*cols, C] and its metadata."""
+    if metadata.head != "cmn":
+        raise RegionsError(
+            f"a {metadata.head.upper()} model has no concept head to take regions from "
+            "(structural matching is CMN-only)"
+        )
     if any(out.name == OUTPUT_REGIONS for out in model.graph.output):
         raise RegionsError(f"the graph already has a '{OUTPUT_REGIONS}' output")
     rows, cols = metadata.attention_grid

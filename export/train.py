@@ -1,4 +1,5 @@
-"""Training a CMN: Proxy-Anchor + concept separation, selected on held-out train classes.
+"""Training a CMN or DGML (``--head``, ``export/heads.py``): Proxy-Anchor + the head's own
+regulariser (concept separation, group diversity), selected on held-out train classes.
 
 Two modes share everything but the input pipeline: ``full`` trains end to end on augmented
 images (use it on a GPU); ``tail`` freezes the early stages, caches their features once and
@@ -18,7 +19,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from pytorch_metric_learning.losses import ProxyAnchorLoss
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
@@ -26,7 +26,8 @@ from cmn_edge.metrics import retrieval_metrics
 
 from . import data as D
 from .checkpoint import CHECKPOINT_FORMAT, CheckpointError, load_checkpoint, save_atomic
-from .model import CMN
+from .heads import build_model, get_head, head_option_values
+from .model import BackboneModel
 
 
 @dataclass
@@ -34,7 +35,12 @@ class TrainConfig:
     datasets: list[str]
     out_dir: str = "runs/cmn"
     backbone: str = "tf_efficientnet_lite0"
-    num_concepts: int = 512
+    #: the embedding head (``export/heads.py``): "cmn" or "dgml"
+    head: str = "cmn"
+    num_concepts: int = 512  # CMN
+    #: the head's own options (DGML: groups, group_dim, diversity_weight); the table's
+    #: defaults fill in what is missing
+    head_options: dict = field(default_factory=dict)
     input_size: int = 224
     mode: str = "tail"  # "tail" (cached early stages) or "full"
     epochs: int = 10
@@ -106,7 +112,7 @@ def seed_everything(seed: int) -> None:
 
 
 @torch.no_grad()
-def embed_images(model: CMN, data: D.LabelledSet, device: torch.device, workers: int = 0):
+def embed_images(model: BackboneModel, data: D.LabelledSet, device: torch.device, workers: int = 0):
     preprocess = model.spec.preprocess(model.input_size)
     loader = DataLoader(
         D.ImageSet(data, D.eval_transform(preprocess)),
@@ -133,20 +139,16 @@ class Trainer:
             everything, config.val_fraction, config.seed
         )
         self.num_classes = len(set(self.train_set.labels))
-        self.model = CMN(
-            config.backbone,
-            config.num_concepts,
-            pretrained=config.pretrained,
-            backbone_weights=config.backbone_weights,
-        )
-        self.model.input_size = config.input_size
+        self.head = get_head(config.head)
+        config.head_options = head_option_values(config.head, config.head_options)
+        settings = asdict(config)
+        self.model = build_model(settings, config.pretrained, config.backbone_weights)
         self.model.to(self.device)
         if config.amp:
             self.model.backbone.to(memory_format=torch.channels_last)
         self.preprocess = self.model.spec.preprocess(config.input_size)
-        self.criterion = ProxyAnchorLoss(
-            self.num_classes, config.num_concepts, margin=config.margin, alpha=config.alpha
-        ).to(self.device)
+        self.criterion = self.head.criterion(settings, self.num_classes).to(self.device)
+        self.regulariser_weight = self.head.regulariser_weight(settings)
         backbone_params = [
             p
             for p in (
@@ -229,11 +231,11 @@ class Trainer:
         with self._autocast():
             return network(x).float()
 
-    def _embed(self, x: torch.Tensor) -> torch.Tensor:
+    def _training_terms(self, x: torch.Tensor):
+        """(embedding, the metric loss's input, the head's regulariser) of a batch."""
         backbone = self.model.backbone
         features = self._feature_map(backbone.tail if self.config.mode == "tail" else backbone, x)
-        scores, _ = self.model.head(features)
-        return torch.nn.functional.normalize(scores, dim=-1)
+        return self.model.training_terms(features)
 
     # --- training ------------------------------------------------------------------------
     def _set_lr(self, epoch: int, step: int, steps: int) -> None:
@@ -253,17 +255,17 @@ class Trainer:
         self.model.train()
         self.model.freeze_batchnorm()
         steps = self._steps_per_epoch()
-        totals = {"loss": 0.0, "proxy_anchor": 0.0, "separation": 0.0, "distill": 0.0}
+        regulariser = self.model.regulariser  # "separation" (CMN), "diversity" (DGML)
+        totals = {"loss": 0.0, "proxy_anchor": 0.0, regulariser: 0.0, "distill": 0.0}
         bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{config.epochs}" + (" (warm-up)" * warm))
         count = 0
         for step, (x, y) in enumerate(self._train_batches()):
             if step >= steps:
                 break
             self._set_lr(epoch, step, steps)
-            embedding = self._embed(x)
-            metric_loss = self.criterion(embedding, y)
-            separation = self.model.head.separation_loss()
-            loss = metric_loss + config.separation_weight * separation
+            embedding, metric_input, regularising = self._training_terms(x)
+            metric_loss = self.criterion(metric_input, y)
+            loss = metric_loss + self.regulariser_weight * regularising
             if self.teacher is not None:
                 with torch.no_grad():
                     pooled = self._feature_map(self.teacher, x).mean(dim=(2, 3))  # pretrained GAP
@@ -277,7 +279,7 @@ class Trainer:
             self.optimizer.step()
             totals["loss"] += loss.item()
             totals["proxy_anchor"] += metric_loss.item()
-            totals["separation"] += separation.item()
+            totals[regulariser] += regularising.item()
             count += 1
             bar.update(1)
             bar.set_postfix(loss=f"{totals['loss'] / count:.4f}")

@@ -54,12 +54,11 @@ def torch_parity(
     import torch
 
     from .checkpoint import file_sha256, model_from_checkpoint, model_from_upstream
-    from .model import ExportableCMN
 
     model = model_from_upstream(checkpoint) if upstream else model_from_checkpoint(checkpoint)[0]
     model = model.eval()
     with torch.no_grad():
-        reference = ExportableCMN(model).eval()(torch.from_numpy(batch))
+        reference = model.exportable().eval()(torch.from_numpy(batch))
     diffs = {
         name: float(np.abs(ref.numpy() - out).max())
         for name, ref, out in zip(
