@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import sqlite3
 import threading
 from pathlib import Path
 
@@ -576,3 +578,44 @@ def test_index_remembers_the_precision_its_embedder_loaded(tmp_path, embedder_fp
     assert reopened.embedder.precision == "fp32"  # the same file, so the same model id
     assert reopened.embedder.model_id == embedder_fp32.model_id
     assert reopened.search(photos["cat"], k=1)[0].path.endswith("cat.jpg")
+
+
+def test_excluding_and_renormalised_masks_have_their_own_depth_exponent(tmp_path, gallery):
+    idx = ConceptIndex(DIM, "m@1", exact_below=0, graph_dims=16, ef=8)
+    idx.add(gallery[:2900], num_threads=1)
+    result = idx.calibrate(queries=gallery[2900:2950], target=0.98)
+    assert result["mask_ef_power"] == idx.mask_ef_power
+    assert result["renorm_ef_power"] == idx.renorm_ef_power
+    for mask in ("exclude 50%", "renormalize 50%"):
+        assert idx.recall(gallery[2950:], **MASKS[mask]) >= 0.98, mask
+    # each exponent deepens only its own kind of mask
+    q = gallery[2950]
+    idx.mask_ef_power, idx.renorm_ef_power = 0.0, 4.0
+    excluding = idx.plan(exclude=list(range(0, DIM, 2)))
+    renormalised = idx.plan(exclude=list(range(0, DIM, 2)), renormalize=True)
+    w = excluding.weights
+    shallow = idx._query_ef(q, q * w, 10, excluding)
+    deep = idx._query_ef(q, q * w * w, 10, renormalised)
+    assert deep > 2 * shallow
+    idx.mask_ef_power, idx.renorm_ef_power = result["mask_ef_power"], result["renorm_ef_power"]
+    loaded = ConceptIndex.load(idx.save(tmp_path / "tuned"))
+    assert loaded.mask_ef_power == result["mask_ef_power"]
+    assert loaded.renorm_ef_power == result["renorm_ef_power"]
+    loaded.close()
+    two = ConceptIndex(DIM, "m@1", mask_ef_power=1.25, renorm_ef_power=3.5)
+    two.add(gallery[:100])
+    path = two.save(tmp_path / "two")
+    loaded = ConceptIndex.load(path)
+    assert (loaded.mask_ef_power, loaded.renorm_ef_power) == (1.25, 3.5)
+    assert loaded.manifest()["search"]["renorm_ef_power"] == 3.5
+    # an index written before the second exponent: one exponent for every mask, as then
+    loaded.close()
+    conn = sqlite3.connect(str(path / "index.db"))
+    row = conn.execute("SELECT value FROM info WHERE key = 'params'").fetchone()
+    params = json.loads(row[0])
+    del params["renorm_ef_power"]
+    conn.execute("UPDATE info SET value = ? WHERE key = 'params'", (json.dumps(params),))
+    conn.commit()
+    conn.close()
+    old = ConceptIndex.load(path)
+    assert (old.mask_ef_power, old.renorm_ef_power) == (1.25, 1.25)

@@ -1,4 +1,5 @@
-"""Calibration: the search depth ``ef`` and the mask depth exponent, tuned to a recall target.
+"""Calibration: the search depth ``ef`` and the mask depth exponents (excluding and
+renormalised masks apart), tuned to a recall target.
 
 Run at ``index build``, by ``index optimize``, and again by a checkpoint whenever the gallery
 has grown by :data:`RETUNE_GROWTH` since the last tuning (a graph that doubled needs a
@@ -62,6 +63,7 @@ class CalibrateMixin:
             return {
                 "ef": self.ef,
                 "mask_ef_power": self.mask_ef_power,
+                "renorm_ef_power": self.renorm_ef_power,
                 "recall": 1.0,
                 "masked_recall": {},
                 "queries": 0,
@@ -102,40 +104,50 @@ class CalibrateMixin:
         while plain_low < target and self.ef < self.max_ef:
             self.ef = min(self.max_ef, math.ceil(self.ef * 1.25))
             plain, plain_low = measure(plain_controls, truth)
-        mask_sets = []
+        mask_sets: dict[bool, list] = {False: [], True: []}
         for fraction in mask_fractions:
             n_drop = max(1, round(fraction * self.num_concepts))
             drops = [rng.choice(self.num_concepts, n_drop, replace=False) for _ in queries]
             for renormalize in (False, True):
                 name = f"{fraction}{' renormalized' if renormalize else ''}"
                 controls = [{"exclude": d, "renormalize": renormalize} for d in drops]
-                mask_sets.append((name, controls, exact(controls)))
+                mask_sets[renormalize].append((name, controls, exact(controls)))
 
-        def masked_at(power: float) -> tuple[dict, bool]:
-            self.mask_ef_power = power
-            found = {name: measure(c, t) for name, c, t in mask_sets}
-            return found, all(low >= target for _, low in found.values())
+        def tune(attribute: str, sets: list) -> dict:
+            """The smallest exponent (quarter steps) at which every mask of ``sets`` meets
+            the target: it rises in whole steps to the first that does, then comes back
+            down while it still does (deeper than needed costs time on every query)."""
 
-        # the exponent rises in whole steps to the first that meets the target for every
-        # mask, then comes back down in quarter steps while it still does: deeper than
-        # needed costs time on every masked query
-        power, (masked, ok) = 0.0, masked_at(0.0)
-        while not ok and power < 8:
-            power += 1.0
-            masked, ok = masked_at(power)
-        if ok:
-            for lower in (power - 0.25, power - 0.5, power - 0.75):
-                if lower < 0:
-                    break
-                found, still = masked_at(lower)
-                if not still:
-                    break
-                power, masked = lower, found
-        self.mask_ef_power = power
+            def masked_at(power: float) -> tuple[dict, bool]:
+                setattr(self, attribute, power)
+                found = {name: measure(c, t) for name, c, t in sets}
+                return found, all(low >= target for _, low in found.values())
+
+            power, (masked, ok) = 0.0, masked_at(0.0)
+            while not ok and power < 8:
+                power += 1.0
+                masked, ok = masked_at(power)
+            if ok:
+                for lower in (power - 0.25, power - 0.5, power - 0.75):
+                    if lower < 0:
+                        break
+                    found, still = masked_at(lower)
+                    if not still:
+                        break
+                    power, masked = lower, found
+            setattr(self, attribute, power)
+            return masked
+
+        # apart: renormalised masks need a deeper walk than excluding ones (the walk ranks
+        # by masked inner product, they by masked cosine), and one exponent for both made
+        # every excluding query pay for that
+        masked = tune("mask_ef_power", mask_sets[False])
+        masked.update(tune("renorm_ef_power", mask_sets[True]))
         self._tuned(len(ids))
         return {
             "ef": self.ef,
             "mask_ef_power": self.mask_ef_power,
+            "renorm_ef_power": self.renorm_ef_power,
             "recall": plain,
             "masked_recall": {name: mean for name, (mean, _) in masked.items()},
             "queries": len(queries),

@@ -68,6 +68,7 @@ PARAMS = (
     "ef",
     "exact_below",
     "mask_ef_power",
+    "renorm_ef_power",
     "overfetch",
     "max_ef",
     "seed",
@@ -137,6 +138,7 @@ class ConceptIndex(PlanMixin, SearchMixin, CalibrateMixin):
         ef: int = 64,
         exact_below: int = 2048,
         mask_ef_power: float = 2.0,
+        renorm_ef_power: float | None = None,
         overfetch: int = 10,
         max_ef: int = 4096,
         seed: int = 100,
@@ -159,6 +161,8 @@ class ConceptIndex(PlanMixin, SearchMixin, CalibrateMixin):
         self.ef = int(ef)
         self.exact_below = int(exact_below)
         self.mask_ef_power = float(mask_ef_power)
+        #: the same for renormalised masks (calibrated apart: they need a deeper walk)
+        self.renorm_ef_power = float(mask_ef_power if renorm_ef_power is None else renorm_ef_power)
         self.overfetch = int(overfetch)
         self.max_ef = int(max_ef)
         self.seed = int(seed)
@@ -577,7 +581,9 @@ class ConceptIndex(PlanMixin, SearchMixin, CalibrateMixin):
                 checkpoint_every=params.get("checkpoint_every"),
                 capacity=16,
                 _store=store,
-                **{name: params[name] for name in PARAMS},
+                # an index from before renorm_ef_power: one exponent for every mask
+                renorm_ef_power=params.get("renorm_ef_power"),
+                **{name: params[name] for name in PARAMS if name != "renorm_ef_power"},
             )
         except (KeyError, TypeError, ValueError) as exc:
             store.close()
@@ -1118,6 +1124,7 @@ class ConceptIndex(PlanMixin, SearchMixin, CalibrateMixin):
             "search": {
                 "exact_below": self.exact_below,
                 "mask_ef_power": self.mask_ef_power,
+                "renorm_ef_power": self.renorm_ef_power,
                 "overfetch": self.overfetch,
                 "max_ef": self.max_ef,
             },

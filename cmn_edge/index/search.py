@@ -107,15 +107,19 @@ class SearchMixin:
         """Search depth: the base ef, deepened by how much of the query the graph cannot see.
 
         A mask turns the query away from the data the graph was built on (``cos(q, q*w)``,
-        exponent tuned by calibration). A reduced graph sees only the query's part in its
-        directions: compared with how much it sees of a typical gallery item under the same
-        mask, a query unlike the gallery is searched deeper, steeply (an unlike query needed
-        about (1/seen)^4 the depth to reach the recall of a typical one).
+        exponent tuned by calibration; renormalised masks have their own, since ranking by
+        masked cosine from a walk that ranks by masked inner product needs a deeper walk,
+        and one exponent for both made every excluding query walk as deep). A reduced graph
+        sees only the query's part in its directions: compared with how much it sees of a
+        typical gallery item under the same mask, a query unlike the gallery is searched
+        deeper, steeply (an unlike query needed about (1/seen)^4 the depth to reach the
+        recall of a typical one).
         """
         ef = float(max(self.ef, k))
         if qh is not q:
             cos = float(q @ qh) / (float(np.linalg.norm(qh)) + 1e-30)
-            ef /= max(cos, 1e-3) ** self.mask_ef_power
+            power = self.renorm_ef_power if plan.renormalize else self.mask_ef_power
+            ef /= max(cos, 1e-3) ** power
         if self._projection is not None:
             w = None
             if plan.weights is not None:
