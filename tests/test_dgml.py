@@ -366,6 +366,25 @@ def test_qat_simulation_on_a_dgml_head_leaves_no_trace():
     assert not any("parametrizations" in k for k in model.state_dict())
 
 
+def test_qat_command_fine_tunes_a_dgml_checkpoint_that_exports(exported, labelled_folder, tmp_path):
+    out = tmp_path / "qat.pt"
+    args = ["qat", exported["checkpoint"], labelled_folder, "--out", out, "--epochs", "1"]
+    args += ["--batch-size", "5", "--workers", "0", "--device", "cpu"]
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    assert result.exit_code == 0, result.output
+    assert "simulated INT8" in result.output
+    tuned, config = model_from_checkpoint(out)
+    assert isinstance(tuned, DGML) and config["qat"]["epochs"] == 1
+    before = torch.load(exported["checkpoint"], weights_only=True)["model"]
+    assert not torch.equal(before["head.value_proj.weight"], tuned.head.value_proj.weight)
+    onnx_path = tmp_path / "qat.fp32.onnx"
+    result = CliRunner().invoke(main, ["onnx", "--checkpoint", str(out), "--out", str(onnx_path)])
+    assert result.exit_code == 0, result.output
+    assert "DGML G=3 x D=8" in result.output
+    meta = read_metadata(onnx_path)
+    assert meta.head == "dgml" and "cmn-export qat" in meta.training_command
+
+
 # --- CMN files and checkpoints from before heads existed ------------------------------------
 
 
