@@ -257,6 +257,7 @@ def grown(folder: Path, data: np.ndarray, start: int, queries: np.ndarray, args)
         "grow_s": grow_s,
         "ef": index.ef,
         "mask_ef_power": index.mask_ef_power,
+        "renorm_ef_power": index.renorm_ef_power,
         "tuned_at": state["tuned_at"],
         "fitted_at": state["fitted_at"],
         "checkpoints": index._store.checkpoint().gen,
@@ -376,7 +377,8 @@ def main() -> None:
                 f"  grown {g['from']} -> {g['to']} through add in {g['grow_s']:.0f} s "
                 f"({g['checkpoints']} checkpoints, tuned at {g['tuned_at']}, projection "
                 f"fitted at {g['fitted_at']}, ef {g['ef']}, mask exponent "
-                f"{g['mask_ef_power']:g}, {tail} items in the tail): recall@10 {masks}"
+                f"{g['mask_ef_power']:g} (renormalised {g['renorm_ef_power']:g}), {tail} items "
+                f"in the tail): recall@10 {masks}"
             )
     print(f"\nload average at the end {os.getloadavg()[0]:.2f}")
     if args.json:
