@@ -135,6 +135,19 @@ def user_errors(func):
     return wrapper
 
 
+def query_item_id(query: str) -> int | None:
+    """A search QUERY's item id (``id:17``, or ``17`` where no such file exists), or None for
+    an image path, which must exist: the local and the PostgreSQL search read QUERY alike."""
+    raw = query[3:] if query.startswith("id:") else query
+    if query.startswith("id:") or (not os.path.exists(query) and raw.strip().isdigit()):
+        if not raw.strip().isdigit():
+            raise CliError(f"{query}: an item id must be a number (id:17)")
+        return int(raw)
+    if not os.path.exists(query):
+        raise FileNotFoundError(f"{query}: no such image file (for an indexed item: id:N)")
+    return None
+
+
 def model_options(func):
     """--model, --precision, --threads, in that order on every command that embeds."""
     func = click.option("--threads", type=int, default=None, help="onnxruntime threads.")(func)

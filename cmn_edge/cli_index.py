@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import shutil
 import sys
 from pathlib import Path
@@ -54,7 +53,7 @@ import click
 import numpy as np
 
 from . import cli_postgres
-from .cli_common import CliError, model_options, user_errors
+from .cli_common import CliError, model_options, query_item_id, user_errors
 from .embedder import Embedder, list_images
 from .index import ConceptIndex, ConceptIndexError, Index, embedder_for_index, is_index_dir
 from .index.rerank import DEFAULT_DEPTH, RERANK_CHOICES
@@ -698,12 +697,8 @@ def search(
         rerank=rerank,
         rerank_depth=rerank_depth,
     )
-    query_id = None
-    raw = query[3:] if query.startswith("id:") else query
-    if query.startswith("id:") or (not os.path.exists(query) and raw.strip().isdigit()):
-        if not raw.strip().isdigit():
-            raise CliError(f"{query}: an item id must be a number (id:17)")
-        query_id = int(raw)
+    query_id = query_item_id(query)
+    if query_id is not None:
         if query_id not in idx:
             raise CliError(f"{query}: no item with id {query_id} in {index_dir}")
         stored_maps = idx.index.regions_of(query_id) if rerank else None
@@ -715,8 +710,6 @@ def search(
             **controls,
         )
     else:
-        if not os.path.exists(query):
-            raise FileNotFoundError(f"{query}: no such image file (for an indexed item: id:N)")
         idx._embedder = _embedder_for(idx.index, model, precision, threads)
         hits = idx.search(Path(query), k, **controls)
     if len(hits) < k:

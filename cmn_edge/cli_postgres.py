@@ -8,13 +8,12 @@ without its password). psycopg is imported only here and only then.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Mapping
 from pathlib import Path
 
 import click
 
-from .cli_common import CliError, user_errors
+from .cli_common import CliError, query_item_id, user_errors
 
 TABLE_OPTION = click.option(
     "--table",
@@ -99,17 +98,11 @@ def search(
     )
 
     with PgGallery.connect(url, table) as gallery:
-        query_id = None
-        raw = query[3:] if query.startswith("id:") else query
-        if query.startswith("id:") or (not os.path.exists(query) and raw.strip().isdigit()):
-            if not raw.strip().isdigit():
-                raise CliError(f"{query}: an item id must be a number (id:17)")
-            query_id = int(raw)
+        query_id = query_item_id(query)
+        if query_id is not None:
             vector = gallery.embedding(query_id)
             exclude_ids = {query_id}
         else:
-            if not os.path.exists(query):
-                raise FileNotFoundError(f"{query}: no such image file (for an indexed item: id:N)")
             embedder = Embedder(
                 model if model is not None else gallery.model_ref,
                 precision=precision or gallery.precision or "int8",
