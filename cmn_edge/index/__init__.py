@@ -14,7 +14,9 @@ One job per module:
 - :mod:`.calibrate`  ef and mask depth tuned to a recall target, again as the gallery grows
 - :mod:`.lock`       readers and a writer within a process
 - :mod:`.sync`       an index kept in step with a folder
-- :mod:`.core`       ``ConceptIndex``: the pieces put together
+- :mod:`.view`       each process's search view, following the database incrementally
+- :mod:`.persistence` save, copy, graph checkpoints, optimize, verify, the manifest
+- :mod:`.core`       ``ConceptIndex``: the pieces put together, and the writes
 - :mod:`.api`        ``Index``: what applications use
 
 Per-hit explanations are :func:`cmn_edge.explain.top_concepts`.

@@ -1,14 +1,10 @@
-"""``ConceptIndex``: the parts of the package put together (storage, view, graph, search).
+"""``ConceptIndex``: the parts of the package put together, and the writes.
 
 An index is either in memory (``ConceptIndex(C)``; :meth:`save` writes it to a directory)
-or attached to a directory (:meth:`load`, :meth:`open`), where every change is committed
-to the database at once and costs what it changes.
-
-Each process keeps a *view* for searching: the checkpointed vectors (memory-mapped), the
-graph (hnswlib, loaded once its checksum matched), and the tail of items changed since that
-checkpoint (read from the database, searched exactly). A view is refreshed incrementally when
-the database changed (``PRAGMA data_version``), so a reader follows a writer in another
-process without re-reading the index.
+or attached to a directory (:meth:`load`, :meth:`open`), where every change (add, update,
+remove, a concept's name) is committed to the database at once and costs what it changes.
+Searching goes through each process's view (:mod:`.view`); checkpoints and whole-index
+operations are :mod:`.persistence`; region maps :mod:`.regions`.
 """
 
 from __future__ import annotations
@@ -17,7 +13,6 @@ import contextlib
 import dataclasses
 import math
 import os
-import shutil
 import sqlite3
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -26,41 +21,30 @@ from pathlib import Path
 import numpy as np
 
 from ..explain import top_concepts
-from ..files import atomic_path, fsync_dir
 from . import items as db_items
 from . import regions as db_regions
-from .calibrate import REFIT_GROWTH, RETUNE_GROWTH, CalibrateMixin
+from .calibrate import CalibrateMixin
 from .errors import ConceptError, ConceptIndexError, IndexCorruptError, ModelMismatchError
-from .graph import Graph
 from .lock import RWLock
+from .persistence import PersistenceMixin
 from .plan import ConceptRef, Plan, PlanMixin, check_concept_name
-from .projection import Projection
+from .regions import RegionsMixin
 from .rerank import DEFAULT_DEPTH, check_rerank, structural_rerank
 from .search import SearchMixin
 from .store import (
     DB_FILE,
-    EMPTY_CHECKPOINT,
     FORMAT,
     FORMAT_VERSION,
-    Checkpoint,
     Store,
-    is_index_dir,
+    new_state,
 )
-from .vectors import VectorRows
+from .view import ViewMixin
 
 #: With no explicit ``checkpoint_every``: checkpoint once the tail holds 1/TAIL_SHARE of the
 #: gallery (but at least MIN_TAIL items). A checkpoint writes the whole graph, so this sets
 #: the amortised bytes per change (graph bytes per item x 32) and bounds the exact scan.
 TAIL_SHARE = 32
 MIN_TAIL = 1024
-#: Refit the projection when new items keep less than this share of the energy the fitted
-#: items kept in it (root-mean-square capture).
-DRIFT_CAPTURE = 0.97
-#: A process that has served SOFT_FOLD_AFTER searches with a tail over SOFT_FOLD_TAIL items
-#: puts the tail into its own in-memory graph (written nowhere): a kiosk then searches the
-#: graph instead of scanning the tail on every query, while a one-shot search pays nothing.
-SOFT_FOLD_TAIL = 512
-SOFT_FOLD_AFTER = 100
 
 PARAMS = (
     "M",
@@ -108,7 +92,9 @@ class Hit:
         return self if path == self.path else dataclasses.replace(self, path=path)
 
 
-class ConceptIndex(PlanMixin, SearchMixin, CalibrateMixin):
+class ConceptIndex(
+    ViewMixin, PersistenceMixin, RegionsMixin, PlanMixin, SearchMixin, CalibrateMixin
+):
     """Images' concept embeddings, their paths and metadata; searchable with concept control.
 
     ``exact_below``: galleries (or ``where`` subsets) this small are searched by brute force,
@@ -203,334 +189,14 @@ class ConceptIndex(PlanMixin, SearchMixin, CalibrateMixin):
         store.set_info("num_concepts", self.num_concepts)
         store.set_info("params", self._params())
         if store.get_info("state") is None:
-            store.set_info("state", _new_state())
+            store.set_info("state", new_state())
 
     def _save_params(self) -> None:
         with self._store.write():
             self._store.set_info("params", self._params())
 
     def _state(self) -> dict:
-        return self._store.get_info("state") or _new_state()
-
-    # ------------------------------------------------------------------ the view
-    def _reset_view(self, base: np.ndarray | None = None, row_ids: np.ndarray | None = None):
-        c = self._capacity
-        self._rows = VectorRows(self.num_concepts, base)
-        n = len(self._rows)
-        self._row_ids = np.full(max(c, n), -1, dtype=np.int64)
-        if row_ids is not None:
-            self._row_ids[:n] = row_ids
-        self._id_rows = np.full(c, -1, dtype=np.int64)
-        self._in_graph = np.zeros(c, dtype=bool)
-        self._live = 0
-        self._tail_ids: list[int] = []
-        self._tail_cache: np.ndarray | None = None
-        self._graph: Graph | None = None
-        self._projection: Projection | None = None
-        self._colmax2 = np.zeros(self.num_concepts, dtype=np.float32)
-        self._concept_names: dict[int, str] = {}
-        self._seq = 0
-        self._ckpt = EMPTY_CHECKPOINT
-        self._data_version: int | None = None
-        self._dirty = False
-        self._searches = 0
-        self._tuning = False
-
-    def _grow_ids(self, top: int) -> None:
-        if top >= len(self._id_rows):
-            size = max(2 * len(self._id_rows), top + 1)
-            grown = np.full(size, -1, dtype=np.int64)
-            grown[: len(self._id_rows)] = self._id_rows
-            self._id_rows = grown
-            flags = np.zeros(size, dtype=bool)
-            flags[: len(self._in_graph)] = self._in_graph
-            self._in_graph = flags
-
-    def _load_view_unlocked(self) -> None:
-        """Read the checkpoint (memory-map its vectors, verify and load its graph), then the
-        tail. A checkpoint replaced while we read it (a writer in another process) is read
-        again; a missing or tampered file is an error, never trusted."""
-        for attempt in range(5):
-            try:
-                with self._store.read() as conn:
-                    self._load_checkpoint(self._store.checkpoint())
-                    self._apply_delta(conn)
-                    self._data_version = self._store.data_version()
-                self._loaded = True
-                self._dirty = False
-                return
-            except FileNotFoundError as exc:
-                latest = self._store.checkpoint()
-                if attempt == 4 or latest.gen == self._ckpt.gen:
-                    raise IndexCorruptError(
-                        f"{exc.filename}: missing (recorded by checkpoint {latest.gen}); "
-                        "`cmn-edge index optimize --rebuild-graph` rebuilds it"
-                    ) from None
-
-    def _load_checkpoint(self, ckpt: Checkpoint) -> None:
-        base, row_ids = None, None
-        if ckpt.vector_rows:
-            file = self._store.file(ckpt.vectors_file)
-            need = ckpt.vector_rows * self.num_concepts * 4
-            size = os.stat(file).st_size  # FileNotFoundError: replaced meanwhile, read again
-            if size < need:
-                raise IndexCorruptError(f"{file}: {size} bytes, the checkpoint needs {need}")
-            # a plain ndarray view of the mapping: np.memmap's subclass hooks cost ~20% on
-            # the re-rank's gather
-            base = np.asarray(
-                np.memmap(
-                    file, dtype=np.float32, mode="r", shape=(ckpt.vector_rows, self.num_concepts)
-                )
-            )
-            row_ids = np.frombuffer(ckpt.row_ids, dtype=np.int64)
-            if len(row_ids) != ckpt.vector_rows:
-                raise IndexCorruptError(f"{self._db_file()}: checkpoint row ids disagree")
-        self._reset_view(base, row_ids)
-        self._ckpt = ckpt
-        self._seq = ckpt.seq
-        if row_ids is not None:
-            live = np.flatnonzero(row_ids >= 0)
-            ids = row_ids[live]
-            if len(ids):
-                self._grow_ids(int(ids.max()))
-                self._id_rows[ids] = live
-                self._in_graph[ids] = True
-            self._live = len(ids)
-        if ckpt.colmax2 is not None:
-            self._colmax2 = np.frombuffer(ckpt.colmax2, dtype=np.float32).copy()
-        if ckpt.projection is not None:
-            try:
-                self._projection = Projection.from_bytes(
-                    ckpt.projection, int(ckpt.graph_dims), self.num_concepts
-                )
-            except (ValueError, TypeError) as exc:
-                raise IndexCorruptError(f"{self._db_file()}: bad projection ({exc})") from None
-        if ckpt.graph_file:
-            dim = self._projection.dims if self._projection is not None else self.num_concepts
-            self._graph = Graph.load(
-                self._store.file(ckpt.graph_file),
-                dim,
-                ckpt.graph_sha256,
-                int(ckpt.graph_bytes),
-                int(ckpt.max_elements),
-            )
-            if len(self._graph) != int(ckpt.element_count):
-                raise IndexCorruptError(
-                    f"{self._store.file(ckpt.graph_file)}: graph disagrees with the checkpoint"
-                )
-        self._concept_names = db_items.concept_names(self._store.conn)
-
-    def _apply_delta(self, conn: sqlite3.Connection) -> None:
-        """Bring the view from ``self._seq`` to the database's current change."""
-        since = self._seq
-        for (item_id,) in conn.execute("SELECT id FROM removed WHERE seq > ?", (since,)):
-            if item_id < len(self._id_rows) and self._id_rows[item_id] >= 0:
-                self._row_ids[self._id_rows[item_id]] = -1
-                self._id_rows[item_id] = -1
-                self._live -= 1
-                if self._graph is not None and self._in_graph[item_id]:
-                    self._graph.mark_deleted(item_id)
-        rows = conn.execute(
-            "SELECT items.id, vectors.vec FROM items JOIN vectors ON vectors.id = items.id "
-            "WHERE items.seq > ? ORDER BY items.seq, items.id",
-            (since,),
-        ).fetchall()
-        if rows:
-            ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
-            try:
-                vecs = np.frombuffer(b"".join(r[1] for r in rows), dtype=np.float32).reshape(
-                    len(rows), self.num_concepts
-                )
-            except ValueError:
-                raise IndexCorruptError(
-                    f"{self._db_file()}: a stored vector has the wrong size"
-                ) from None
-            self._grow_ids(int(ids.max()))
-            old = self._id_rows[ids]
-            self._row_ids[old[old >= 0]] = -1
-            self._live += int((old < 0).sum())
-            first = self._rows.append(vecs)
-            if len(self._rows) > len(self._row_ids):
-                grown = np.full(max(2 * len(self._row_ids), len(self._rows)), -1, np.int64)
-                grown[: len(self._row_ids)] = self._row_ids
-                self._row_ids = grown
-            new_rows = np.arange(first, first + len(ids))
-            self._row_ids[new_rows] = ids
-            self._id_rows[ids] = new_rows
-            self._tail_ids.extend(ids.tolist())
-            np.maximum(self._colmax2, (vecs * vecs).max(axis=0), out=self._colmax2)
-        self._tail_cache = None
-        state = self._store.get_info("state") or _new_state()
-        self._seq = int(state["seq"])
-        self._concept_names = db_items.concept_names(conn)
-
-    def _fresh(self) -> None:
-        """Make the view current: load it on first use, else apply what changed since."""
-        if not self._loaded:
-            with self._lock.write():
-                if not self._loaded:
-                    self._load_view_unlocked()
-            return
-        if self.path is None and not self._dirty:
-            return
-        if not self._dirty and self._store.data_version() == self._data_version:
-            return
-        with self._lock.write():
-            self._refresh_unlocked()
-
-    def _refresh_unlocked(self) -> None:
-        if not self._loaded:
-            self._load_view_unlocked()
-            return
-        with self._store.read() as conn:
-            if self._store.checkpoint().gen != self._ckpt.gen:
-                self._loaded = False  # another process checkpointed: read its checkpoint
-            else:
-                self._apply_delta(conn)
-                if self.path is not None:
-                    self._data_version = self._store.data_version()
-        if not self._loaded:
-            self._load_view_unlocked()
-        self._dirty = False
-        if self.path is None and self._tail_ids:
-            self._fold_unlocked(self._tail_rows_unlocked())  # in memory: nothing to persist
-
-    def _tail_rows_unlocked(self) -> np.ndarray:
-        if self._tail_cache is None:
-            ids = np.unique(np.asarray(self._tail_ids, dtype=np.int64))
-            rows = self._id_rows[ids] if len(ids) else np.zeros(0, np.int64)
-            self._tail_cache = rows[rows >= 0]
-            self._tail_ids = self._row_ids[self._tail_cache].tolist()
-        return self._tail_cache
-
-    def _tail_rows(self) -> np.ndarray:
-        return self._tail_rows_unlocked()
-
-    def _maybe_soft_fold(self) -> None:
-        """See SOFT_FOLD_TAIL: a long-lived reader stops scanning a large tail."""
-        self._searches += 1
-        if (
-            self.path is None
-            or self._tuning
-            or self._searches < SOFT_FOLD_AFTER
-            or len(self._tail_ids) <= SOFT_FOLD_TAIL
-        ):
-            return
-        with self._lock.write():
-            self._fold_unlocked(self._tail_rows_unlocked())
-
-    # ------------------------------------------------------------------ graph space
-    @property
-    def graph_dims(self) -> int | None:
-        """Dimensions the graph works in now (None: all concepts)."""
-        self._fresh()
-        return None if self._projection is None else self._projection.dims
-
-    def _check_graph_dims(self, dims: int) -> None:
-        if not 1 <= int(dims) <= self.num_concepts:
-            raise ConceptIndexError(
-                f"graph_dims must be between 1 and {self.num_concepts}, not {dims}"
-            )
-
-    def _fit_threshold(self) -> int:
-        return max(256, 4 * (self._wanted_graph_dims or 0))
-
-    def _graph_vectors(self, vectors: np.ndarray) -> np.ndarray:
-        if self._projection is None:
-            return np.ascontiguousarray(vectors, dtype=np.float32)
-        return self._projection.to_graph(vectors)
-
-    def _new_graph(self, capacity: int) -> Graph:
-        dim = self.num_concepts if self._projection is None else self._projection.dims
-        return Graph.new(dim, capacity, self.M, self.ef_construction, self.seed)
-
-    def _fold_unlocked(self, rows: np.ndarray, num_threads: int = -1, refit: bool = False):
-        """Put the items at ``rows`` into the graph (the tail, or part of it).
-
-        Fits the --graph-dims projection first when the gallery just became large enough
-        (or ``refit``), which rebuilds the graph from every live item in it plus ``rows``.
-        """
-        wanted = self._wanted_graph_dims
-        due = wanted and (
-            refit or (self._projection is None and self._live >= self._fit_threshold())
-        )
-        if wanted is None and self._projection is not None:
-            due = True  # set back to all concepts
-        if due:
-            members = np.flatnonzero(self._row_ids[: len(self._rows)] >= 0)
-            ids = self._row_ids[members]
-            in_graph = self._in_graph[ids]
-            keep = np.union1d(members[in_graph], rows)
-            if wanted is None:
-                self._projection = None
-            else:
-                self._projection = Projection.fit(
-                    self._rows.gather(members), int(wanted), self.seed
-                )
-            self._graph = self._new_graph(len(keep))
-            self._in_graph[:] = False
-            rows = keep
-            state_fit = True
-            if not self._store.conn.in_transaction:  # a checkpoint records it itself
-                with self._store.write():
-                    state = self._state()
-                    state["fitted_at"] = self._live
-                    self._store.set_info("state", state)
-        else:
-            state_fit = False
-            if self._graph is None:
-                self._graph = self._new_graph(max(len(rows), self._capacity))
-        if len(rows):
-            ids = self._row_ids[rows]
-            self._graph.add(
-                self._graph_vectors(self._rows.gather(rows)),
-                ids,
-                self._in_graph[ids],
-                self._live,
-                num_threads,
-            )
-            self._in_graph[ids] = True
-        folded = set(self._row_ids[rows].tolist())
-        self._tail_ids = [i for i in self._tail_ids if i not in folded]
-        self._tail_cache = None
-        return state_fit
-
-    def _projection_drifted(self, tail: np.ndarray) -> bool:
-        """True when the newest items keep clearly less of their energy in the graph's
-        directions than the items the projection was fitted on (same distribution: about
-        the same share, and a refit would only rebuild the graph for nothing)."""
-        sample = tail[-2000:] if len(tail) >= 50 else np.flatnonzero(self._row_ids >= 0)[-2000:]
-        if not len(sample):
-            return False
-        vectors = self._rows.gather(sample)
-        kept = np.linalg.norm(vectors @ self._projection.matrix.T, axis=1) ** 2
-        total = np.linalg.norm(vectors, axis=1) ** 2
-        now = float(np.sqrt(kept.sum() / max(total.sum(), 1e-30)))
-        return now < DRIFT_CAPTURE * self._projection.typical_capture(None)
-
-    def set_graph_dims(
-        self, dims: int | None, sample: np.ndarray | None = None, *, num_threads: int = -1
-    ) -> None:
-        """Put the graph on the top ``dims`` principal directions (None: all concepts).
-
-        The graph is rebuilt from the stored vectors (an on-disk index writes a new
-        checkpoint). Call :meth:`calibrate` afterwards: recall depends on it.
-        """
-        if dims is not None:
-            self._check_graph_dims(dims)
-        self._fresh()
-        if dims is not None and self._live < int(dims):
-            raise ConceptIndexError(
-                f"{self._where()}: {self._live} embeddings cannot fit {dims} graph "
-                "dimensions; add more images first"
-            )
-        self._wanted_graph_dims = None if dims is None else int(dims)
-        self._save_params()
-        if self.path is not None:
-            self.checkpoint(refit=True, num_threads=num_threads)
-            return
-        with self._lock.write():
-            self._fold_unlocked(self._tail_rows_unlocked(), num_threads, refit=dims is not None)
+        return self._store.get_info("state") or new_state()
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -820,61 +486,6 @@ class ConceptIndex(PlanMixin, SearchMixin, CalibrateMixin):
             self._store.set_info("state", state)
         self._after_write()
 
-    # ------------------------------------------------------------------ region maps
-    @property
-    def region_grid(self) -> tuple[int, int] | None:
-        """(rows, columns) of the region maps this index keeps, or None (see :mod:`.regions`)."""
-        grid = self._store.get_info(db_regions.INFO_KEY)
-        return None if grid is None else (int(grid[0]), int(grid[1]))
-
-    def _region_maps(self, regions: np.ndarray | None, n: int) -> np.ndarray | None:
-        grid = self.region_grid
-        if grid is None:
-            if regions is not None:
-                raise db_regions.RegionsError(
-                    f"{self._where()}: this index keeps no region maps; "
-                    + db_regions.how_to_add(self._where())
-                )
-            return None
-        if regions is None:
-            raise db_regions.RegionsError(
-                f"{self._where()}: this index keeps region maps for structural re-ranking; "
-                "add images (the Index API embeds them) or pass regions= "
-                f"[N, {grid[0] * grid[1]}, {self.num_concepts}]"
-            )
-        return db_regions.check_shape(regions, n, grid, self.num_concepts, self._where())
-
-    def items_without_regions(self) -> list[int]:
-        with self._store.lock:
-            return db_regions.ids_without(self._store.conn)
-
-    def put_regions(self, item_ids: Sequence[int], regions: np.ndarray, grid: tuple[int, int]):
-        """Store region maps of existing items (one transaction); the index keeps using them
-        only once :meth:`keep_regions` found every item mapped."""
-        current = self.region_grid
-        if current is not None and tuple(grid) != current:
-            raise db_regions.RegionsError(
-                f"{self._where()}: keeps {current[0]}x{current[1]} region maps, not "
-                f"{grid[0]}x{grid[1]}"
-            )
-        maps = db_regions.check_shape(
-            regions, len(item_ids), tuple(grid), self.num_concepts, self._where()
-        )
-        with self._store.write() as conn:
-            db_regions.write(conn, [int(i) for i in item_ids], maps)
-
-    def keep_regions(self, grid: tuple[int, int]) -> None:
-        """From now on, keep region maps: every item must have one already (put_regions)."""
-        with self._store.write() as conn:
-            conn.execute(db_regions.TABLE)
-            missing = db_regions.ids_without(conn)
-            if missing:
-                raise db_regions.RegionsError(
-                    f"{self._where()}: {len(missing)} item(s) have no region maps yet "
-                    f"(first: id {missing[0]})"
-                )
-            self._store.set_info(db_regions.INFO_KEY, [int(grid[0]), int(grid[1])])
-
     # ------------------------------------------------------------------ lookups
     def id_for_path(self, path: str | os.PathLike) -> int | None:
         with self._store.lock:
@@ -1087,378 +698,6 @@ class ConceptIndex(PlanMixin, SearchMixin, CalibrateMixin):
         if kwargs.get("rerank") is not None and kwargs.get("query_regions") is None:
             kwargs["query_regions"] = self.regions_of(item_id)
         return self.search(vector, k, exclude_ids=exclude_ids, **kwargs)
-
-    # ------------------------------------------------------------------ persistence
-    def manifest(self) -> dict:
-        """What ``index info`` shows: model, counts, parameters, the last checkpoint."""
-        self._fresh()
-        state = self._state()
-        ckpt = self._store.checkpoint()
-        graph = self._graph.hnsw if self._graph is not None else None
-        return {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            "model": {"id": self.model_id, "ref": self.model_ref, "precision": self.precision},
-            "num_concepts": self.num_concepts,
-            "space": "ip",
-            "counts": {
-                "items": self._live,
-                "deleted_slots": 0
-                if graph is None
-                else int(graph.element_count)
-                - int(self._in_graph[self._row_ids[self._row_ids >= 0]].sum()),
-                "named_concepts": len(self._concept_names),
-                "tail": len(self._tail_rows_unlocked()),
-            },
-            "next_id": int(state["next_id"]),
-            "hnsw": {
-                "M": self.M,
-                "ef_construction": self.ef_construction,
-                "ef": self.ef,
-                "max_elements": 0 if graph is None else int(graph.max_elements),
-                "element_count": 0 if graph is None else int(graph.element_count),
-                "seed": self.seed,
-                "graph_dims": self._wanted_graph_dims,
-                "graph_dims_in_use": None if self._projection is None else self._projection.dims,
-            },
-            "search": {
-                "exact_below": self.exact_below,
-                "mask_ef_power": self.mask_ef_power,
-                "renorm_ef_power": self.renorm_ef_power,
-                "overfetch": self.overfetch,
-                "max_ef": self.max_ef,
-            },
-            "checkpoint": {
-                "gen": ckpt.gen,
-                "seq": ckpt.seq,
-                "graph_bytes": ckpt.graph_bytes,
-                "vector_rows": ckpt.vector_rows,
-                "tuned_at": state.get("tuned_at", 0),
-                "fitted_at": state.get("fitted_at", 0),
-            },
-            "regions": self._regions_manifest(),
-        }
-
-    def _regions_manifest(self) -> dict | None:
-        grid = self.region_grid
-        if grid is None:
-            return None
-        with self._store.lock:
-            stored = db_regions.stored_bytes(self._store.conn)
-        return {"grid": list(grid), "dtype": "float16", "bytes": stored}
-
-    def save(self, path: str | os.PathLike | None = None, *, overwrite: bool = False) -> Path:
-        """Write an in-memory index to a directory and attach to it; for an attached index,
-        write a graph checkpoint (its changes are committed already).
-
-        Refuses a directory that holds another index (unless ``overwrite``) or other files.
-        """
-        if self.path is not None and (path is None or _same_dir(Path(path), self.path)):
-            self.checkpoint()
-            return self.path
-        if path is None:
-            raise ConceptIndexError("save: no directory given and the index was never saved")
-        target = Path(path)
-        if target.exists() and not target.is_dir():
-            raise ConceptIndexError(f"{target}: exists and is not a directory")
-        if is_index_dir(target):
-            if not overwrite:
-                raise ConceptIndexError(
-                    f"{target}: already holds an index (overwrite it explicitly)"
-                )
-            _remove_index_files(target)
-        elif target.is_dir() and any(not e.startswith(".") for e in os.listdir(target)):
-            raise ConceptIndexError(
-                f"{target}: directory is not empty and holds no cmn-edge index; "
-                "choose a new or empty directory"
-            )
-        if self.path is not None:
-            return self._copy_to(target)
-        self._fresh()
-        target.mkdir(parents=True, exist_ok=True)
-        with self._lock.write():
-            self._refresh_unlocked()
-            self._fold_unlocked(self._tail_rows_unlocked())
-            with atomic_path(target / DB_FILE) as tmp:
-                dest = sqlite3.connect(str(tmp))
-                try:
-                    with self._store.lock:
-                        self._store.conn.backup(dest)
-                    staged = Store(dest, target)
-                    with staged.write():
-                        ckpt = self._write_checkpoint_files(staged, compact=True)
-                        state = staged.get_info("state")
-                        state["tail"] = 0
-                        staged.set_info("state", state)
-                        staged.set_checkpoint(ckpt)
-                    dest.execute("PRAGMA journal_mode=WAL")
-                finally:
-                    dest.close()
-        self._store.close()
-        self._store = Store.open(target)
-        self.path = target
-        self._loaded = False
-        self._store.clear_debris(_files_of(ckpt))
-        return target
-
-    def _copy_to(self, target: Path) -> Path:
-        """An on-disk index saved elsewhere: a copy of its database (``VACUUM INTO``) with a
-        graph built there from it; this index stays where it is."""
-        target.mkdir(parents=True, exist_ok=True)
-        with atomic_path(target / DB_FILE) as tmp:
-            with self._store.lock:
-                self._store.conn.execute("VACUUM INTO ?", (str(tmp),))
-            copy = sqlite3.connect(str(tmp), isolation_level=None)
-            try:
-                copy.execute("DELETE FROM checkpoint")  # its files stay with the original
-                copy.execute("PRAGMA journal_mode=WAL")
-            finally:
-                copy.close()
-        copied = ConceptIndex.open(target)
-        try:
-            copied.checkpoint(compact=True, retune=False)
-        finally:
-            copied.close()
-        return target
-
-    def _write_checkpoint_files(self, store: Store, compact: bool) -> Checkpoint:
-        """Vectors (appended, or every live row when compacting) and the graph, both
-        fsynced, for a checkpoint record the caller commits."""
-        old = store.checkpoint()
-        gen = old.gen + 1
-        n = len(self._rows)
-        row_ids = self._row_ids[:n]
-        if compact or not old.vectors_file:
-            live = np.flatnonzero(row_ids >= 0)
-            name = f"vectors-{gen:06d}.f32"
-            with open(store.file(name), "wb") as handle:
-                for start in range(0, len(live), 16384):
-                    handle.write(self._rows.gather(live[start : start + 16384]).tobytes())
-                handle.flush()
-                os.fsync(handle.fileno())
-            rows_written, ids_written = len(live), row_ids[live]
-        else:
-            name = old.vectors_file
-            file = store.file(name)
-            with open(file, "r+b") as handle:
-                handle.truncate(old.vector_rows * self.num_concepts * 4)  # a killed append
-                handle.seek(0, os.SEEK_END)
-                handle.write(self._rows.extra_rows().tobytes())
-                handle.flush()
-                os.fsync(handle.fileno())
-            rows_written, ids_written = n, row_ids
-        fsync_dir(store.root)
-        graph_name = f"graph-{gen:06d}.bin"
-        sha, size = (None, None)
-        if self._graph is not None:
-            sha, size = self._graph.save(store.file(graph_name))
-        return Checkpoint(
-            gen=gen,
-            seq=int(store.get_info("state")["seq"]),
-            graph_file=graph_name if self._graph is not None else None,
-            graph_sha256=sha,
-            graph_bytes=size,
-            max_elements=None if self._graph is None else int(self._graph.hnsw.max_elements),
-            element_count=None if self._graph is None else len(self._graph),
-            vectors_file=name,
-            vector_rows=int(rows_written),
-            row_ids=np.ascontiguousarray(ids_written, dtype=np.int64).tobytes(),
-            colmax2=self._colmax2.astype(np.float32).tobytes(),
-            projection=None if self._projection is None else self._projection.to_bytes(),
-            graph_dims=None if self._projection is None else self._projection.dims,
-        )
-
-    def checkpoint(
-        self,
-        *,
-        compact: bool | None = None,
-        retune: bool | None = None,
-        refit: bool | None = None,
-        num_threads: int = -1,
-    ) -> dict:
-        """Fold the tail into the graph and write it (and the new vectors) to disk.
-
-        ``retune``/``refit`` None: when due (the gallery grew by RETUNE_GROWTH /
-        REFIT_GROWTH since the last tuning / fit); ``compact`` None: when dead rows are a
-        quarter of the vector file. Returns what it did.
-        """
-        if self.path is None:
-            with self._lock.write():
-                self._fresh()
-                self._fold_unlocked(self._tail_rows_unlocked(), num_threads, refit=bool(refit))
-            return {"checkpoint": None}
-        done: dict = {}
-        with self._lock.write(), self._store.write():
-            try:
-                self._refresh_unlocked()
-                state = self._state()
-                live = self._live
-                tail = self._tail_rows_unlocked()
-                fitted_at = int(state.get("fitted_at", 0))
-                if refit is None and (
-                    self._wanted_graph_dims
-                    and self._projection is not None
-                    and live >= max(fitted_at, 1) * REFIT_GROWTH
-                ):
-                    # grown enough to look again: refit (a full graph rebuild) only if the
-                    # new items have drifted from what the directions were fitted on
-                    refit = self._projection_drifted(tail)
-                    if not refit:
-                        state["fitted_at"] = live  # still fits: look again after more growth
-                tuned_at = int(state.get("tuned_at", 0))
-                if retune is None:
-                    retune = live > self.exact_below and live >= max(tuned_at, 1) * RETUNE_GROWTH
-                held = np.zeros(0, np.int64)
-                if retune and len(tail) >= 5:
-                    # tune on items the graph has not seen yet: a user's query is one of those
-                    held = tail[-min(200, len(tail) // 5) :]
-                    tail = np.setdiff1d(tail, held)
-                if self._fold_unlocked(tail, num_threads, refit=refit):
-                    state["fitted_at"] = live
-                    done["refit"] = True
-                if retune:
-                    queries = self._rows.gather(held) if len(held) else None
-                    own = self._row_ids[held] if len(held) else None
-                    self._tuning = True
-                    try:
-                        done["calibration"] = self.calibrate(queries=queries, exclude_own=own)
-                    finally:
-                        self._tuning = False
-                    state["tuned_at"] = live
-                    if len(held):
-                        self._fold_unlocked(held, num_threads)
-                dead = int((self._row_ids[: len(self._rows)] < 0).sum())
-                if compact is None:
-                    compact = dead * 4 > len(self._rows)
-                ckpt = self._write_checkpoint_files(self._store, compact=compact)
-                state = {
-                    **self._state(),
-                    **{k: state[k] for k in ("fitted_at", "tuned_at") if k in state},
-                }
-                state["tail"] = 0
-                self._store.set_info("state", state)
-                self._store.set_info("params", self._params())
-                self._store.set_checkpoint(ckpt)
-                if compact:
-                    self._store.conn.execute("DELETE FROM removed WHERE seq <= ?", (ckpt.seq,))
-            except BaseException:
-                self._loaded = False  # the view ran ahead of what is committed: re-read it
-                raise
-        previous = self._ckpt
-        self._loaded = False  # the next use maps the new checkpoint (cheap: no re-embedding)
-        keep = _files_of(ckpt) | _files_of(previous)  # readers may still be opening these
-        self._store.clear_debris(keep)
-        done.update({"checkpoint": ckpt.gen, "graph_bytes": ckpt.graph_bytes, "compacted": compact})
-        return done
-
-    def _tuned(self, live: int) -> None:
-        """Calibration just ran at this gallery size: remember it and the tuned values."""
-        if getattr(self, "_tuning", False):
-            return  # inside a checkpoint, which records it in the same transaction
-        with self._store.write():
-            state = self._state()
-            state["tuned_at"] = int(live)
-            self._store.set_info("state", state)
-            self._store.set_info("params", self._params())
-
-    def optimize(self, *, rebuild_graph: bool = False, num_threads: int = -1) -> dict:
-        """Checkpoint, compact, re-tune (and re-fit the projection) now; then shrink the WAL."""
-        if rebuild_graph and self.path is not None:
-            with self._lock.write(), self._store.write():
-                ckpt = self._store.checkpoint()
-                self._store.set_checkpoint(
-                    Checkpoint(
-                        **{
-                            **ckpt.__dict__,
-                            "graph_file": None,
-                            "graph_sha256": None,
-                            "seq": 0,
-                            "vector_rows": 0,
-                            "row_ids": b"",
-                            "vectors_file": None,
-                            "projection": None,
-                            "graph_dims": None,
-                        }
-                    )
-                )
-            self._loaded = False
-        done = self.checkpoint(
-            compact=True,
-            retune=True,
-            refit=bool(self._wanted_graph_dims),
-            num_threads=num_threads,
-        )
-        if self.path is not None:
-            with self._store.lock:
-                self._store.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-                self._store.conn.execute("PRAGMA optimize")
-        return done
-
-    def verify(self) -> list[str]:
-        """Check everything (slow: reads the whole index): the database's integrity, the
-        graph's checksum, every checkpointed vector against the database. [] = sound."""
-        problems: list[str] = []
-        with self._store.lock:
-            result = self._store.conn.execute("PRAGMA integrity_check").fetchone()[0]
-        if result != "ok":
-            problems.append(f"{self._db_file()}: {result}")
-        try:
-            self._loaded = False
-            self._fresh()
-        except (IndexCorruptError, OSError) as exc:
-            return [*problems, str(exc).splitlines()[0]]
-        with self._lock.read(), self._store.read() as conn:
-            count = conn.execute("SELECT COUNT(*) FROM items").fetchone()[0]
-            if count != self._live or count != int(self._state()["count"]):
-                problems.append(f"{self._db_file()}: {count} items, the view holds {self._live}")
-            for item_id, blob in conn.execute("SELECT id, vec FROM vectors"):
-                row = self._id_rows[item_id] if item_id < len(self._id_rows) else -1
-                if row < 0:
-                    problems.append(f"{self._db_file()}: item {item_id} has no vector row")
-                elif self._rows.row(int(row)).tobytes() != blob:
-                    file = self._ckpt.vectors_file if row < self._rows.n_base else "tail"
-                    problems.append(f"{file}: vector of item {item_id} differs from the database")
-            if self.region_grid is not None:
-                missing_maps = db_regions.ids_without(conn)
-                if missing_maps:
-                    problems.append(
-                        f"{self._db_file()}: {len(missing_maps)} item(s) have no region maps "
-                        f"(first: id {missing_maps[0]})"
-                    )
-            if self._graph is not None:
-                labels = set(int(i) for i in self._graph.hnsw.get_ids_list())
-                base_ids = self._row_ids[: self._rows.n_base]
-                missing = set(base_ids[base_ids >= 0].tolist()) - labels
-                if missing:
-                    problems.append(
-                        f"{self._ckpt.graph_file}: {len(missing)} checkpointed items missing"
-                    )
-        return problems
-
-
-# ---------------------------------------------------------------------- helpers
-def _new_state() -> dict:
-    return {"seq": 0, "next_id": 0, "count": 0, "tail": 0, "tuned_at": 0, "fitted_at": 0}
-
-
-def _files_of(ckpt: Checkpoint) -> set[str]:
-    return {f for f in (ckpt.graph_file, ckpt.vectors_file) if f}
-
-
-def _remove_index_files(root: Path) -> None:
-    for entry in os.listdir(root):
-        if entry.startswith((DB_FILE, "graph-", "vectors-", ".graph-")) or entry == "current":
-            with contextlib.suppress(OSError):
-                os.unlink(root / entry)
-        elif entry.startswith("v-") and (root / entry).is_dir():
-            shutil.rmtree(root / entry, ignore_errors=True)
-
-
-def _same_dir(a: Path, b: Path) -> bool:
-    try:
-        return a.resolve() == b.resolve()
-    except OSError:
-        return False
 
 
 __all__ = ["ConceptIndex", "Hit", "Plan"]

@@ -113,8 +113,66 @@ def stored_bytes(conn: sqlite3.Connection) -> int:
     return int(conn.execute("SELECT COALESCE(SUM(LENGTH(maps)), 0) FROM regions").fetchone()[0])
 
 
+class RegionsMixin:
+    """Which items keep region maps; mixed into :class:`~.core.ConceptIndex`."""
+
+    # ------------------------------------------------------------------ region maps
+    @property
+    def region_grid(self) -> tuple[int, int] | None:
+        """(rows, columns) of the region maps this index keeps, or None (see :mod:`.regions`)."""
+        grid = self._store.get_info(INFO_KEY)
+        return None if grid is None else (int(grid[0]), int(grid[1]))
+
+    def _region_maps(self, regions: np.ndarray | None, n: int) -> np.ndarray | None:
+        grid = self.region_grid
+        if grid is None:
+            if regions is not None:
+                raise RegionsError(
+                    f"{self._where()}: this index keeps no region maps; "
+                    + how_to_add(self._where())
+                )
+            return None
+        if regions is None:
+            raise RegionsError(
+                f"{self._where()}: this index keeps region maps for structural re-ranking; "
+                "add images (the Index API embeds them) or pass regions= "
+                f"[N, {grid[0] * grid[1]}, {self.num_concepts}]"
+            )
+        return check_shape(regions, n, grid, self.num_concepts, self._where())
+
+    def items_without_regions(self) -> list[int]:
+        with self._store.lock:
+            return ids_without(self._store.conn)
+
+    def put_regions(self, item_ids: Sequence[int], regions: np.ndarray, grid: tuple[int, int]):
+        """Store region maps of existing items (one transaction); the index keeps using them
+        only once :meth:`keep_regions` found every item mapped."""
+        current = self.region_grid
+        if current is not None and tuple(grid) != current:
+            raise RegionsError(
+                f"{self._where()}: keeps {current[0]}x{current[1]} region maps, not "
+                f"{grid[0]}x{grid[1]}"
+            )
+        maps = check_shape(regions, len(item_ids), tuple(grid), self.num_concepts, self._where())
+        with self._store.write() as conn:
+            write(conn, [int(i) for i in item_ids], maps)
+
+    def keep_regions(self, grid: tuple[int, int]) -> None:
+        """From now on, keep region maps: every item must have one already (put_regions)."""
+        with self._store.write() as conn:
+            conn.execute(TABLE)
+            missing = ids_without(conn)
+            if missing:
+                raise RegionsError(
+                    f"{self._where()}: {len(missing)} item(s) have no region maps yet "
+                    f"(first: id {missing[0]})"
+                )
+            self._store.set_info(INFO_KEY, [int(grid[0]), int(grid[1])])
+
+
 __all__ = [
     "INFO_KEY",
+    "RegionsMixin",
     "RegionsError",
     "check_shape",
     "how_to_add",

@@ -74,6 +74,11 @@ def create_schema(conn: sqlite3.Connection) -> None:
             conn.execute(statement)
 
 
+def new_state() -> dict:
+    """The change counter's record of a new index (the ``state`` info row)."""
+    return {"seq": 0, "next_id": 0, "count": 0, "tail": 0, "tuned_at": 0, "fitted_at": 0}
+
+
 @dataclass(frozen=True)
 class Checkpoint:
     """The record of the last graph checkpoint (gen 0: none yet, everything is tail)."""
