@@ -135,6 +135,45 @@ def user_errors(func):
     return wrapper
 
 
+def parse_pairs(values: tuple[str, ...], option: str) -> list[tuple[str, str]]:
+    """KEY=VALUE, split on the first '=' (keys and concept names never hold one; values may)."""
+    pairs = []
+    for value in values:
+        key, sep, rest = value.partition("=")
+        if not sep or not key.strip() or not rest.strip():
+            raise CliError(f"{option} {value!r}: expected KEY=VALUE")
+        pairs.append((key.strip(), rest.strip()))
+    return pairs
+
+
+def _split_concepts(values: tuple[str, ...]) -> list[str]:
+    return [part.strip() for value in values for part in value.split(",") if part.strip()]
+
+
+def concept_controls(
+    exclude_concept: tuple[str, ...],
+    only_concept: tuple[str, ...],
+    concept_weight: tuple[str, ...],
+    renormalize: bool,
+    where: tuple[str, ...],
+) -> dict:
+    """The search options as ``search`` keywords (exclude, only, weights, renormalize,
+    where): one reading for the local index and the PostgreSQL gallery."""
+    weights = {}
+    for key, value in parse_pairs(concept_weight, "--concept-weight"):
+        try:
+            weights[key] = float(value)
+        except ValueError:
+            raise CliError(f"--concept-weight {key}={value}: weight is not a number") from None
+    return dict(
+        exclude=_split_concepts(exclude_concept),
+        only=_split_concepts(only_concept) or None,
+        weights=weights or None,
+        renormalize=renormalize,
+        where=dict(parse_pairs(where, "--where")) or None,
+    )
+
+
 def query_item_id(query: str) -> int | None:
     """A search QUERY's item id (``id:17``, or ``17`` where no such file exists), or None for
     an image path, which must exist: the local and the PostgreSQL search read QUERY alike."""

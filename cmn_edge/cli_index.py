@@ -53,7 +53,7 @@ import click
 import numpy as np
 
 from . import cli_postgres
-from .cli_common import CliError, model_options, query_item_id, user_errors
+from .cli_common import CliError, concept_controls, model_options, query_item_id, user_errors
 from .embedder import Embedder, list_images
 from .index import ConceptIndex, ConceptIndexError, Index, embedder_for_index, is_index_dir
 from .index.rerank import DEFAULT_DEPTH, RERANK_CHOICES
@@ -190,21 +190,6 @@ def _expand(paths: tuple[str, ...]) -> list[Path]:
     for path in out:
         seen.setdefault(str(path.resolve()), path)
     return list(seen.values())
-
-
-def parse_pairs(values: tuple[str, ...], option: str) -> list[tuple[str, str]]:
-    """KEY=VALUE, split on the first '=' (keys and concept names never hold one; values may)."""
-    pairs = []
-    for value in values:
-        key, sep, rest = value.partition("=")
-        if not sep or not key.strip() or not rest.strip():
-            raise CliError(f"{option} {value!r}: expected KEY=VALUE")
-        pairs.append((key.strip(), rest.strip()))
-    return pairs
-
-
-def _split_concepts(values: tuple[str, ...]) -> list[str]:
-    return [part.strip() for value in values for part in value.split(",") if part.strip()]
 
 
 def _run_sync(index: Index, folder: Path, batch_size: int, strict: bool, metadata) -> object:
@@ -679,19 +664,9 @@ def search(
     if index_dir is None:
         raise CliError("--index DIR (or --backend postgresql://...) is required")
     idx = Index(ConceptIndex.load(index_dir), threads=threads)
-    weights = {}
-    for key, value in parse_pairs(concept_weight, "--concept-weight"):
-        try:
-            weights[key] = float(value)
-        except ValueError:
-            raise CliError(f"--concept-weight {key}={value}: weight is not a number") from None
-    filters = dict(parse_pairs(where, "--where"))
-    controls = dict(
-        exclude=_split_concepts(exclude_concept),
-        only=_split_concepts(only_concept) or None,
-        weights=weights or None,
-        renormalize=renormalize,
-        where=filters or None,
+    controls = concept_controls(exclude_concept, only_concept, concept_weight, renormalize, where)
+    filters, weights = controls["where"] or {}, controls["weights"]
+    controls.update(
         exact=exact,
         explain=explain_top if explain else 0,
         rerank=rerank,
@@ -757,4 +732,4 @@ def search(
 index.add_command(cli_postgres.export_command)
 COMMANDS = [index, search]
 
-__all__ = ["COMMANDS", "ConceptIndexError", "chosen_model", "index", "parse_pairs", "search"]
+__all__ = ["COMMANDS", "ConceptIndexError", "chosen_model", "index", "search"]

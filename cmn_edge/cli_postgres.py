@@ -13,7 +13,7 @@ from pathlib import Path
 
 import click
 
-from .cli_common import CliError, query_item_id, user_errors
+from .cli_common import concept_controls, query_item_id, user_errors
 
 TABLE_OPTION = click.option(
     "--table",
@@ -77,25 +77,19 @@ def search(
     ``options``: the search command's raw concept options (exclude_concept, only_concept,
     concept_weight, renormalize, where, exact), parsed by the same helpers.
     """
-    from .cli_index import _split_concepts, parse_pairs
     from .embedder import Embedder
     from .postgres import PgGallery
 
-    weights = {}
-    for key, value in parse_pairs(options["concept_weight"], "--concept-weight"):
-        try:
-            weights[key] = float(value)
-        except ValueError:
-            raise CliError(f"--concept-weight {key}={value}: weight is not a number") from None
     where_args = options["where"]
-    filters = dict(parse_pairs(where_args, "--where"))
-    controls = dict(
-        exclude=_split_concepts(options["exclude_concept"]),
-        only=_split_concepts(options["only_concept"]) or None,
-        weights=weights or None,
-        renormalize=options["renormalize"],
-        exact=options["exact"],
+    controls = concept_controls(
+        options["exclude_concept"],
+        options["only_concept"],
+        options["concept_weight"],
+        options["renormalize"],
+        where_args,
     )
+    filters = controls.pop("where") or {}
+    controls["exact"] = options["exact"]
 
     with PgGallery.connect(url, table) as gallery:
         query_id = query_item_id(query)
