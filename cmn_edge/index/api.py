@@ -246,18 +246,17 @@ class Index:
         todo = self.index.items_without_regions()
         if plan is not None:
             plan(len(todo))
-        described = self.index._describe(todo)
+        # every item's path in one scan (an IN list of all ids would pass SQLite's limit)
+        stored = {item_id: path for path, (item_id, *_) in self.index.file_stamps().items()}
         unreadable: list[tuple[str, str]] = []
-        files, ids = [], []
+        by_path: dict[str, int] = {}
         for item_id in todo:
-            stored = described.get(item_id, (None, {}))[0]
-            if stored is None:
+            if item_id not in stored:
                 unreadable.append((f"id {item_id}", "added as a vector, with no image path"))
             else:
-                files.append(Path(self.full_path(stored)))
-                ids.append(item_id)
+                by_path[str(Path(self.full_path(stored[item_id])))] = item_id
         errors: list[tuple[Path, str]] = []
-        by_path = {str(f): i for f, i in zip(files, ids)}
+        files = [Path(p) for p in by_path]
         for batch, (_, maps) in self.embedder.iter_regions(files, batch_size, True, errors):
             self.index.put_regions([by_path[str(f)] for f in batch], maps, grid)
             if progress is not None:
