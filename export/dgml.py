@@ -27,7 +27,6 @@ from torch import nn
 
 from cmn_edge.metadata import OUTPUT_GROUP_ATTENTION
 
-from .backbones import Backbone, get_spec
 from .model import BackboneModel
 
 #: upstream's key reduction: 2048 -> 256 channels on ResNet-50
@@ -161,9 +160,7 @@ class DGML(BackboneModel):
         pretrained: bool = True,
         backbone_weights: str | None = None,
     ) -> None:
-        super().__init__()
-        self.spec = get_spec(backbone)
-        self.backbone = Backbone(self.spec, pretrained=pretrained, weights_file=backbone_weights)
+        super().__init__(backbone, pretrained, backbone_weights)
         self.head = GroupHead(self.spec.channels, groups, group_dim)
 
     @property

@@ -136,6 +136,13 @@ class BackboneModel(nn.Module):
     backbone: Backbone
     head: nn.Module
 
+    def __init__(
+        self, backbone: str, pretrained: bool = True, backbone_weights: str | None = None
+    ) -> None:
+        super().__init__()
+        self.spec = get_spec(backbone)
+        self.backbone = Backbone(self.spec, pretrained=pretrained, weights_file=backbone_weights)
+
     @property
     def num_concepts(self) -> int:
         """The embedding's size (the metadata's ``num_concepts``)."""
@@ -196,9 +203,7 @@ class CMN(BackboneModel):
         pretrained: bool = True,
         backbone_weights: str | None = None,
     ) -> None:
-        super().__init__()
-        self.spec = get_spec(backbone)
-        self.backbone = Backbone(self.spec, pretrained=pretrained, weights_file=backbone_weights)
+        super().__init__(backbone, pretrained, backbone_weights)
         self.head = ConceptHead(self.spec.channels, num_concepts, concept_dim)
 
     @property
