@@ -1,10 +1,11 @@
-"""Why two images match: per-concept contributions to their similarity.
+"""Why two images match: per-part contributions to their similarity.
 
 A CMN embedding is the L2-normalised vector of concept scores, so the similarity of two
-images is ``sum_i a_i b_i`` and term ``i`` is exactly what concept ``i`` adds to it. This module
-turns that sum into an :class:`Explanation` (terms, the top concepts, and each image's
-attention maps, so a figure can show *where* each concept was found, as in the CMN, DIML and
-DGML papers' figures).
+images is ``sum_i a_i b_i`` and term ``i`` is exactly what concept ``i`` adds to it. A DGML
+embedding's parts are groups (blocks of dimensions, :mod:`cmn_edge.parts`); a group's term is
+the sum of its block's products, its cosine over G. This module turns that sum into an
+:class:`Explanation` (terms, the top parts, and each image's attention maps per part, so a
+figure can show *where* each part was found, as in the CMN, DIML and DGML papers' figures).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import numpy as np
 from PIL import ExifTags, Image
 
 from . import preprocess as pp
+from .parts import Parts
 
 if TYPE_CHECKING:
     from .embedder import Embedder
@@ -58,12 +60,15 @@ def top_concepts(
     renormalize: bool,
     names: Mapping[int, str],
     n: int,
+    parts: Parts | None = None,
 ) -> list[dict]:
-    """The ``n`` concepts that add most to one search hit's score, as the search scored it.
+    """The ``n`` parts (concepts, or a DGML's groups; None: one concept a dimension) that add
+    most to one search hit's score, as the search scored it.
 
-    ``weights`` is the query-side concept weight vector of the search's plan (None: plain
-    cosine); with ``renormalize`` the score is the cosine over the weighted concepts, so both
-    sides are re-normalised under the weights first. Contributions sum to the score.
+    ``weights`` is the query-side per-dimension weight vector of the search's plan (None:
+    plain cosine); with ``renormalize`` the score is the cosine over the weighted dimensions,
+    so both sides are re-normalised under the weights first. A part's contribution is the sum
+    of its block's terms; over all parts they sum to the score.
     """
     g = np.asarray(item, dtype=np.float64)
     qv = np.asarray(query, dtype=np.float64)
@@ -75,7 +80,7 @@ def top_concepts(
             g = g * w
             norm = np.linalg.norm(g)
             g = g / norm if norm > 0 else g
-    terms = concept_contributions(qv, g)
+    terms = (parts or Parts(qv.shape[0])).contributions(qv, g)
     score = float(terms.sum())
     order = np.argsort(-terms, kind="stable")[:n]
     return [
@@ -90,11 +95,11 @@ def top_concepts(
 
 
 class ConceptTerm(NamedTuple):
-    """One concept's part in a match."""
+    """One part's (concept's, group's) term of a match."""
 
-    index: int
+    index: int  # the part id
     name: str | None
-    contribution: float  # a_i * b_i, in units of the score
+    contribution: float  # a_i * b_i (a group: summed over its block), in units of the score
     share: float | None  # contribution / score (see share_of)
 
 
@@ -107,14 +112,14 @@ class Side:
     image: Image.Image  # the input_size x input_size crop the model saw
     crop_box: tuple[float, float, float, float]  # that crop, in original image pixels
     embedding: np.ndarray  # [C] unit vector
-    attention: np.ndarray  # [C, h, w], each map sums to 1
+    attention: np.ndarray  # [P, h, w]: each part's map (Parts.maps), each sums to 1
 
     @property
     def grid(self) -> tuple[int, int]:
         return int(self.attention.shape[1]), int(self.attention.shape[2])
 
     def peak(self, concept: int) -> tuple[int, int]:
-        """(row, col) of the grid cell where ``concept`` attends most."""
+        """(row, col) of the grid cell where part ``concept`` attends most."""
         flat = int(np.argmax(self.attention[concept]))
         return divmod(flat, self.grid[1])
 
@@ -139,17 +144,24 @@ class Explanation:
     """Why ``a`` and ``b`` have similarity ``score``: ``contributions`` sum to it exactly."""
 
     score: float
-    contributions: np.ndarray  # [C] float64, a_i * b_i
+    contributions: np.ndarray  # [P] float64, per part: a_i * b_i summed over its block
     top: tuple[ConceptTerm, ...]  # largest contributions first
     against: tuple[ConceptTerm, ...]  # most negative contributions first (only < 0)
     a: Side
     b: Side
-    names: tuple[str | None, ...]  # [C], None where a concept has no name
+    names: tuple[str | None, ...]  # [P], None where a part has no name
     model_id: str
+    parts: Parts | None = None  # None: one concept a dimension (as before parts existed)
+
+    @property
+    def part_layout(self) -> Parts:
+        """The parts the terms count (concepts, or a DGML's groups)."""
+        return self.parts or Parts(int(self.contributions.shape[0]))
 
     @property
     def num_concepts(self) -> int:
-        return int(self.contributions.shape[0])
+        """Embedding dimensions (for a CMN, its concepts)."""
+        return int(self.a.embedding.shape[0])
 
     @property
     def input_size(self) -> int:
@@ -164,16 +176,20 @@ class Explanation:
     def to_dict(self) -> dict[str, Any]:
         """The ``--json`` shape: stable keys, plain numbers, no arrays of C values."""
 
+        parts = self.part_layout
+        values_a, values_b = parts.values(self.a.embedding), parts.values(self.b.embedding)
+
         def entry(rank: int, term: ConceptTerm) -> dict[str, Any]:
             i = term.index
             return {
                 "rank": rank,
-                "concept": i,
+                "concept": i,  # the part id: a CMN's concept, a DGML's group
+                "part": i,
                 "name": term.name,
                 "contribution": term.contribution,
                 "share": term.share,
-                "value_a": float(self.a.embedding[i]),
-                "value_b": float(self.b.embedding[i]),
+                "value_a": float(values_a[i]),
+                "value_b": float(values_b[i]),
                 "peak_a": list(self.a.peak(i)),
                 "peak_b": list(self.b.peak(i)),
                 "region_a": list(self.a.region(i)),
@@ -187,6 +203,7 @@ class Explanation:
             "score": self.score,
             "model": self.model_id,
             "num_concepts": self.num_concepts,
+            "parts": {"kind": f"{parts.noun}s", "count": parts.count, "size": parts.size},
             "input_size": self.input_size,
             "attention_grid": list(self.a.grid),
             "share": f"contribution / score (null when score <= {SHARE_EPS:g})",
@@ -198,7 +215,7 @@ class Explanation:
 
 
 def resolve_names(names: ConceptNames | None, num_concepts: int) -> tuple[str | None, ...]:
-    """Any of: None, {index: name}, or a sequence of C names (None/'' = unnamed)."""
+    """Any of: None, {index: name}, or a sequence of P part names (None/'' = unnamed)."""
     out: list[str | None] = [None] * num_concepts
     if names is None:
         return tuple(out)
@@ -223,9 +240,10 @@ def explain(
     top: int = 10,
     names: ConceptNames | None = None,
 ) -> Explanation:
-    """Embed both images once (with attention) and split their similarity by concept.
+    """Embed both images once (with attention) and split their similarity by part (a
+    CMN's concepts, a DGML's groups).
 
-    ``names`` overrides the model's own concept names (e.g. names saved in a concept index).
+    ``names`` overrides the model's own part names (e.g. names saved in a concept index).
     """
     if embedder is None:
         from .embedder import Embedder
@@ -243,12 +261,13 @@ def explain(
         boxes.append(_crop_box(size, pre))
     batch = np.stack([pp.to_tensor(crop, pre) for crop in crops])
     result = embedder.embed_arrays(batch, with_scores=False, with_attention=True)
-    emb, att = result.embedding, result.attention
-    contributions = concept_contributions(emb[0], emb[1])
+    parts = Parts.of(embedder.metadata)
+    emb, att = result.embedding, parts.maps(result.attention)
+    contributions = parts.contributions(emb[0], emb[1])
     score = float(contributions.sum())
     num = contributions.shape[0]
     resolved = resolve_names(
-        names if names is not None else (embedder.metadata.concept_names or None), num
+        names if names is not None else parts.model_names(embedder.metadata), num
     )
     order = np.argsort(-contributions, kind="stable")
     k = min(int(top), num)
@@ -278,6 +297,7 @@ def explain(
         b=sides[1],
         names=resolved,
         model_id=embedder.model_id,
+        parts=parts,
     )
 
 

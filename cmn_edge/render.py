@@ -144,7 +144,8 @@ def _marker(draw: ImageDraw.ImageDraw, xy: tuple[float, float], rgb, label: str)
 
 
 def pair_figure(explanation: Explanation, top: int | None = None, scale: int = 2) -> Image.Image:
-    """Both crops side by side, the top concepts' attention overlaid, peaks joined by lines."""
+    """Both crops side by side, the top parts' (concepts', groups') attention overlaid, peaks
+    joined by lines."""
     if scale < 1:
         raise ValueError(f"scale must be >= 1, not {scale}")
     terms = list(explanation.top if top is None else explanation.top[:top])
@@ -167,7 +168,8 @@ def pair_figure(explanation: Explanation, top: int | None = None, scale: int = 2
     head = f"similarity {explanation.score:+.4f}"
     if terms and explanation.score > SHARE_EPS:
         fraction = explained / explanation.score
-        head += f"   top {len(terms)} concepts: {explained:+.4f} ({fraction:.0%})"
+        noun = explanation.part_layout.noun
+        head += f"   top {len(terms)} {noun}s: {explained:+.4f} ({fraction:.0%})"
     head += f"   {explanation.model_id}"
     draw.text((MARGIN, 8), _fit(draw, head, width - 2 * MARGIN, font(15)), fill=TEXT, font=font(15))
     for letter, side, (x, y) in zip("AB", sides, origins):

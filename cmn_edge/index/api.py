@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..parts import Parts
 from .core import ConceptIndex, Hit
 from .errors import ConceptIndexError
 from .plan import ConceptRef
@@ -175,11 +176,20 @@ class Index:
         return self.index.model_id
 
     @property
+    def parts(self) -> Parts:
+        """What controls, names and explanations count: concepts, or a DGML's groups."""
+        return self.index.parts
+
+    @property
     def concept_names(self) -> dict[int, str]:
+        """Part names by part id (concepts, or a DGML model's groups)."""
         return self.index.concept_names
 
+    def resolve_part(self, part: ConceptRef) -> int:
+        return self.index.resolve_part(part)
+
     def resolve_concept(self, concept: ConceptRef) -> int:
-        return self.index.resolve_concept(concept)
+        return self.index.resolve_part(concept)
 
     def plan(self, exclude=(), only=None, weights=None, renormalize: bool = False):
         """The query weight vector of these concept controls (see :class:`Plan`)."""
@@ -287,6 +297,10 @@ class Index:
     def name_concept(self, concept: ConceptRef, name: str | None) -> None:
         self.index.set_concept_name(concept, name)
 
+    def name_part(self, part: ConceptRef, name: str | None) -> None:
+        """Name a part (a concept, or a DGML model's group); None clears."""
+        self.index.set_concept_name(part, name)
+
     def optimize(self) -> dict:
         return self.index.optimize()
 
@@ -313,7 +327,9 @@ class Index:
     ) -> list[Hit]:
         """The k best items for an embedding ([C] floats) or an image (path or PIL image).
 
-        Fewer come back when the gallery or ``where`` holds fewer. Hit paths are file paths.
+        ``exclude``, ``only`` and ``weights`` name parts (:attr:`parts`) by id or name: a
+        CMN's concepts, a DGML model's groups (a group's whole block). Fewer come back
+        when the gallery or ``where`` holds fewer. Hit paths are file paths.
         ``rerank="structural"``: DIML's re-ranking of the best ``rerank_depth`` (an image
         query brings its region maps; an embedding needs ``query_regions`` [R, C]).
         """

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from ..explain import top_concepts
+from ..parts import Parts
 from . import items as db_items
 from . import regions as db_regions
 from .calibrate import CalibrateMixin
@@ -131,10 +132,17 @@ class ConceptIndex(
         capacity: int = 1024,
         graph_dims: int | None = None,
         checkpoint_every: int | None = None,
+        parts: Parts | None = None,
         _store: Store | None = None,
     ) -> None:
         if num_concepts < 1:
             raise ConceptIndexError(f"num_concepts must be positive, not {num_concepts}")
+        #: what the controls, names and explanations count (None: one concept a dimension)
+        self.parts = Parts(int(num_concepts)) if parts is None else parts
+        if self.parts.dims != int(num_concepts):
+            raise ConceptIndexError(
+                f"{self.parts.describe()} do not fill a {num_concepts}-d embedding"
+            )
         for name, value in (("M", M), ("ef_construction", ef_construction), ("ef", ef)):
             if int(value) < 1:
                 raise ConceptIndexError(f"{name} must be positive, not {value}")
@@ -187,6 +195,7 @@ class ConceptIndex(
             "model", {"id": self.model_id, "ref": self.model_ref, "precision": self.precision}
         )
         store.set_info("num_concepts", self.num_concepts)
+        store.set_info("parts", self.parts.to_info())
         store.set_info("params", self._params())
         if store.get_info("state") is None:
             store.set_info("state", new_state())
@@ -203,21 +212,26 @@ class ConceptIndex(
     def for_embedder(
         cls, embedder, model_ref: str | None = None, precision: str | None = None, **params
     ) -> ConceptIndex:
-        """An empty index bound to ``embedder``'s model (queries from others are refused).
+        """An empty index bound to ``embedder``'s model (queries from others are refused),
+        with its parts (concepts, or a DGML's groups).
 
-        Concept names the model carries become the index's names (those usable as names).
+        Part names the model carries become the index's names (those usable as names).
         """
+        meta = getattr(embedder, "metadata", None)
+        parts = Parts.of(meta) if meta is not None else None
         index = cls(
             embedder.num_concepts,
             embedder.model_id,
             model_ref=model_ref,
             precision=precision,
+            parts=parts,
             **params,
         )
-        names = getattr(getattr(embedder, "metadata", None), "concept_names", ()) or ()
+        names = index.parts.model_names(meta) if meta is not None else ()
         for i, name in enumerate(names):
-            with contextlib.suppress(ConceptError):
-                index.set_concept_name(i, name)
+            if name:
+                with contextlib.suppress(ConceptError):
+                    index.set_concept_name(i, name)
         return index
 
     @classmethod
@@ -241,6 +255,7 @@ class ConceptIndex(
             index = cls(
                 int(info["num_concepts"]),
                 model.get("id"),
+                parts=Parts.from_info(info.get("parts"), int(info["num_concepts"])),
                 model_ref=model.get("ref"),
                 precision=model.get("precision"),
                 graph_dims=params.get("graph_dims"),
@@ -305,7 +320,7 @@ class ConceptIndex(
 
     def __repr__(self) -> str:
         where = f" at {self.path}" if self.path else ""
-        return f"<ConceptIndex {len(self)} items, {self.num_concepts} concepts{where}>"
+        return f"<ConceptIndex {len(self)} items, {self.parts.describe()}{where}>"
 
     @property
     def ids(self) -> list[int]:
@@ -558,22 +573,32 @@ class ConceptIndex(
                 (*stamp, int(item_id)),
             )
 
-    # ------------------------------------------------------------------ concept names
+    # ------------------------------------------------------------------ part names
     @property
     def concept_names(self) -> dict[int, str]:
+        """Names of parts (concepts, or a DGML's groups) by part id."""
         with self._store.lock:
             return db_items.concept_names(self._store.conn)
 
+    @property
+    def part_names(self) -> dict[int, str]:
+        return self.concept_names
+
+    def set_part_name(self, part: ConceptRef, name: str | None) -> None:
+        """The model-neutral name of :meth:`set_concept_name`."""
+        self.set_concept_name(part, name)
+
     def set_concept_name(self, concept: ConceptRef, name: str | None) -> None:
-        """Name a concept (None clears); names are unique and never look like an index."""
-        index = self.resolve_concept(concept)
+        """Name a part (None clears); names are unique and never look like an index."""
+        noun = self.parts.noun
+        index = self.resolve_part(concept)
         if name is not None:
             name = check_concept_name(name)
         with self._store.write() as conn:
             names = db_items.concept_names(conn)
             owner = next((i for i, n in names.items() if n == name), None)
             if name is not None and owner is not None and owner != index:
-                raise ConceptError(f"{self._where()}: concept {owner} is already named '{name}'")
+                raise ConceptError(f"{self._where()}: {noun} {owner} is already named '{name}'")
             db_items.set_concept_name(conn, index, name)
             state = self._state()
             state["seq"] += 1
@@ -601,7 +626,8 @@ class ConceptIndex(
         """The k best items for one query embedding, under the given concept controls.
 
         Fewer than k come back when the gallery (or a ``where`` filter) holds fewer.
-        ``explain`` > 0 attaches that many top contributing concepts to every hit.
+        Controls name parts (:mod:`cmn_edge.parts`): concepts, or a DGML model's groups.
+        ``explain`` > 0 attaches that many top contributing parts to every hit.
         ``rerank="structural"`` re-orders the best ``max(k, rerank_depth)`` by DIML's
         ``s_global + s_struct`` (needs ``query_regions`` [R, C] and an index that keeps
         region maps); each hit then carries both parts of its score.
@@ -638,7 +664,13 @@ class ConceptIndex(
             top = None
             if explain:
                 top = top_concepts(
-                    q, vectors[rank - 1], plan.weights, plan.renormalize, names, explain
+                    q,
+                    vectors[rank - 1],
+                    plan.weights,
+                    plan.renormalize,
+                    names,
+                    explain,
+                    self.parts,
                 )
             split = {}
             if parts is not None:

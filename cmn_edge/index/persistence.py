@@ -42,6 +42,12 @@ class PersistenceMixin:
             "format_version": FORMAT_VERSION,
             "model": {"id": self.model_id, "ref": self.model_ref, "precision": self.precision},
             "num_concepts": self.num_concepts,
+            "parts": {
+                **self.parts.to_info(),
+                "kind": f"{self.parts.noun}s",
+                "count": self.parts.count,
+                "size": self.parts.size,
+            },
             "space": "ip",
             "counts": {
                 "items": self._live,

@@ -1,8 +1,10 @@
-"""Query plans: concept controls (exclude, only, weights, renormalize) as one weight vector.
+"""Query plans: part controls (exclude, only, weights, renormalize) as one weight vector.
 
-Every embedding dimension is one concept. For inner product, scaling the *query* alone gives
-the exact masked score ``(q * w) . g``, so a masked search goes through the same graph;
-``renormalize`` (cosine over the kept concepts only) over-fetches and re-ranks exactly.
+Controls name the model's parts (:mod:`cmn_edge.parts`): a CMN's concepts (one dimension
+each) or a DGML's groups (a block of dimensions each), by id or by name. They become one
+per-dimension query weight vector; for inner product, scaling the *query* alone gives the
+exact masked score ``(q * w) . g``, so a masked search goes through the same graph;
+``renormalize`` (cosine over the kept parts only) over-fetches and re-ranks exactly.
 """
 
 from __future__ import annotations
@@ -14,22 +16,26 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..parts import Parts
 from .errors import ConceptError
 
+#: A part (a CMN concept, a DGML group) by id or by name.
 ConceptRef = int | str
+PartRef = ConceptRef
 
 
 @dataclass(frozen=True)
 class Plan:
     """A resolved concept control: the query-side weight vector and the score kind."""
 
-    weights: np.ndarray | None  # float32 [C]; None = plain cosine
+    weights: np.ndarray | None  # float32 [C], per dimension; None = plain cosine
     renormalize: bool = False
     described: dict = field(default_factory=dict)
 
 
 def check_concept_name(name: str) -> str:
-    """Names are unique, never look like an index, and survive the CLI's ``,`` and ``=``."""
+    """Names (of concepts or groups) are unique, never look like an index, and survive the
+    CLI's ``,`` and ``=``."""
     if not isinstance(name, str) or not name.strip():
         raise ConceptError("a concept name must be a non-empty string")
     name = name.strip()
@@ -41,88 +47,93 @@ def check_concept_name(name: str) -> str:
 
 
 class PlanMixin:
-    """Concept resolution and planning; needs ``num_concepts``, ``concept_names``, ``_where``."""
+    """Part resolution and planning; needs ``parts``, ``concept_names`` (part names) and
+    ``_where``."""
 
     num_concepts: int
+    parts: Parts
 
-    def resolve_concept(self, concept: ConceptRef) -> int:
-        """A concept index from an index or a name; the error lists what would have worked."""
-        if isinstance(concept, (bool, np.bool_)):
-            raise ConceptError(f"{self._where()}: {concept!r} is not a concept")
-        if isinstance(concept, str) and re.fullmatch(r"\s*-?\d+\s*", concept):
-            concept = int(concept)
-        if isinstance(concept, (int, np.integer)):
-            if not 0 <= int(concept) < self.num_concepts:
+    def resolve_part(self, part: PartRef) -> int:
+        """A part id from an id or a name; the error lists what would have worked."""
+        noun, count = self.parts.noun, self.parts.count
+        if isinstance(part, (bool, np.bool_)):
+            raise ConceptError(f"{self._where()}: {part!r} is not a {noun}")
+        if isinstance(part, str) and re.fullmatch(r"\s*-?\d+\s*", part):
+            part = int(part)
+        if isinstance(part, (int, np.integer)):
+            if not 0 <= int(part) < count:
                 raise ConceptError(
-                    f"{self._where()}: concept {int(concept)} is out of range "
-                    f"(this index has concepts 0-{self.num_concepts - 1})"
+                    f"{self._where()}: {noun} {int(part)} is out of range "
+                    f"(this index has {noun}s 0-{count - 1})"
                 )
-            return int(concept)
-        if isinstance(concept, str):
+            return int(part)
+        if isinstance(part, str):
             names = self.concept_names
             for index, name in names.items():
-                if name == concept.strip():
+                if name == part.strip():
                     return index
             known = sorted(names.values())
             shown = ", ".join(known[:10]) + (" ..." if len(known) > 10 else "")
+            how = f"none; name them with `cmn-edge index name-{noun}`"
             raise ConceptError(
-                f"{self._where()}: unknown concept name '{concept}' "
-                f"(named concepts: {shown or 'none; name them with `cmn-edge index name-concept`'})"
+                f"{self._where()}: unknown {noun} name '{part}' (named {noun}s: {shown or how})"
             )
-        raise ConceptError(f"{self._where()}: {concept!r} is not a concept index or name")
+        raise ConceptError(f"{self._where()}: {part!r} is not a {noun} index or name")
 
-    def _resolve_many(self, concepts: Iterable[ConceptRef]) -> np.ndarray:
-        """Indices of many concepts; a plain integer list or array skips the per-item path."""
-        if isinstance(concepts, (str, bytes)):
-            concepts = [concepts]
-        values = concepts if isinstance(concepts, np.ndarray) else list(concepts)
+    def resolve_concept(self, concept: ConceptRef) -> int:
+        """The CMN name of :meth:`resolve_part` (a DGML index resolves its groups)."""
+        return self.resolve_part(concept)
+
+    def _resolve_many(self, parts: Iterable[PartRef]) -> np.ndarray:
+        """Ids of many parts; a plain integer list or array skips the per-item path."""
+        if isinstance(parts, (str, bytes)):
+            parts = [parts]
+        values = parts if isinstance(parts, np.ndarray) else list(parts)
         array = np.asarray(values) if len(values) else np.zeros(0, dtype=np.int64)
+        count = self.parts.count
         if array.dtype.kind in "iu" and array.ndim == 1:
-            if len(array) and (array.min() < 0 or array.max() >= self.num_concepts):
-                bad = next(int(c) for c in array if not 0 <= c < self.num_concepts)
-                self.resolve_concept(bad)  # raises the usual message
+            if len(array) and (array.min() < 0 or array.max() >= count):
+                bad = next(int(c) for c in array if not 0 <= c < count)
+                self.resolve_part(bad)  # raises the usual message
             return array.astype(np.int64)
-        return np.asarray([self.resolve_concept(c) for c in values], dtype=np.int64)
+        return np.asarray([self.resolve_part(c) for c in values], dtype=np.int64)
 
     def plan(
         self,
-        exclude: Iterable[ConceptRef] = (),
-        only: Iterable[ConceptRef] | None = None,
-        weights: Mapping[ConceptRef, float] | None = None,
+        exclude: Iterable[PartRef] = (),
+        only: Iterable[PartRef] | None = None,
+        weights: Mapping[PartRef, float] | None = None,
         renormalize: bool = False,
     ) -> Plan:
-        """Turn concept controls (indices or names) into one query-side weight vector."""
+        """Turn part controls (ids or names) into one per-dimension query weight vector
+        (:meth:`Parts.weights <cmn_edge.parts.Parts.weights>`: a part's whole block)."""
+        noun = self.parts.noun
         exclude = self._resolve_many(exclude)
         only_list = None if only is None else self._resolve_many(only)
         weight_map = {}
-        for concept, value in (weights or {}).items():
+        for part, value in (weights or {}).items():
             value = float(value)
             if not math.isfinite(value) or value < 0:
                 raise ConceptError(
-                    f"{self._where()}: weight of concept {concept} must be a finite number "
+                    f"{self._where()}: weight of {noun} {part} must be a finite number "
                     f">= 0, not {value}"
                 )
-            weight_map[self.resolve_concept(concept)] = value
+            weight_map[self.resolve_part(part)] = value
         if only_list is not None and not len(only_list):
-            raise ConceptError(f"{self._where()}: 'only' names no concept")
+            raise ConceptError(f"{self._where()}: 'only' names no {noun}")
         described = {
             "exclude": sorted(set(exclude.tolist())),
             "only": None if only_list is None else sorted(set(only_list.tolist())),
             "weights": {str(k): v for k, v in sorted(weight_map.items())},
             "renormalize": bool(renormalize),
+            "parts": f"{noun}s",  # what the ids above count: concepts or groups
         }
-        if not len(exclude) and only_list is None and not weight_map:
-            return Plan(None, False, described)  # renormalising over every concept: plain
-        w = np.ones(self.num_concepts, dtype=np.float32)
-        if only_list is not None:
-            w[:] = 0
-            w[only_list] = 1
-        w[exclude] = 0
-        for index, value in weight_map.items():
-            w[index] *= value
+        w = self.parts.weights(exclude.tolist(), only_list, weight_map)
+        if w is None:
+            return Plan(None, False, described)  # renormalising over every part: plain
         if not w.any():
-            raise ConceptError(f"{self._where()}: the concept controls leave no concept")
+            raise ConceptError(f"{self._where()}: the {noun} controls leave no {noun}")
         return Plan(w, bool(renormalize), described)
 
 
-__all__ = ["ConceptRef", "Plan", "PlanMixin", "check_concept_name"]
+__all__ = ["ConceptRef", "PartRef", "Plan", "PlanMixin", "check_concept_name"]

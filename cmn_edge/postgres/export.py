@@ -144,8 +144,8 @@ def export_index(
             conn.execute(
                 sql(
                     "INSERT INTO {t} (model_id, model_ref, precision, num_concepts, items, "
-                    "metadata_keys, hnsw_m, hnsw_ef_construction, ef_search, ef_recall, source) "
-                    "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
+                    "metadata_keys, hnsw_m, hnsw_ef_construction, ef_search, ef_recall, source, "
+                    "parts) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
                     t=staging.model,
                 ),
                 (
@@ -160,6 +160,7 @@ def export_index(
                     ef_search,
                     ef_recall,
                     str(index.path) if index.path else None,
+                    jsonb(index.parts.to_info()),
                 ),
             )
             names = sorted(index.concept_names.items())

@@ -77,7 +77,7 @@ def create_tables(conn, names: Names, num_concepts: int) -> None:
             "CREATE TABLE {model} (model_id text, model_ref text, precision text, "
             "num_concepts int NOT NULL, items bigint NOT NULL, metadata_keys text[] NOT NULL, "
             "hnsw_m int NOT NULL, hnsw_ef_construction int NOT NULL, ef_search int NOT NULL, "
-            "ef_recall real, source text, "
+            "ef_recall real, source text, parts jsonb, "
             "exported_at timestamptz NOT NULL DEFAULT now())",
             model=names.model,
         )

@@ -35,6 +35,7 @@ from ..index.core import ConceptIndex, Hit
 from ..index.errors import ConceptError, ConceptIndexError, ModelMismatchError
 from ..index.plan import ConceptRef, Plan, PlanMixin
 from ..index.search import SearchMixin
+from ..parts import Parts
 from .connect import DEFAULT_TABLE, connect, display_url, first_line, psycopg_modules
 from .errors import PostgresError
 from .schema import Names, read_model, sql
@@ -90,6 +91,8 @@ class PgGallery(PlanMixin):
         self.model_ref: str | None = model["model_ref"]
         self.precision: str | None = model["precision"]
         self.num_concepts = int(model["num_concepts"])
+        # a gallery exported before parts existed has no column: one concept a dimension
+        self.parts = Parts.from_info(model.get("parts"), self.num_concepts)
         self.count = int(model["items"])
         self.metadata_keys: list[str] = list(model["metadata_keys"])
         self.ef_base = int(model["ef_search"])  # calibrated at export
