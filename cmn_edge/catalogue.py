@@ -1,8 +1,11 @@
-"""A concept catalogue: for each concept, the gallery images where it is strongest.
+"""A concept catalogue: for each part (a concept, or a DGML model's group), the gallery
+images that show it best.
 
-A person names concepts by looking at what their strongest images share and where the
-concept attends in them. The catalogue is one HTML page that needs nothing else to open:
-images inline as ``data:`` URIs, or (for big galleries) JPEG files in a folder beside it.
+A person names parts by looking at what their strongest images share and where the part
+attends in them (a concept: the images where it is most present; a group, which has no such
+value: its most typical appearances, see :meth:`cmn_edge.parts.Parts.strength`). The
+catalogue is one HTML page that needs nothing else to open: images inline as ``data:`` URIs,
+or (for big galleries) JPEG files in a folder beside it.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from PIL import Image
 
 from . import preprocess as pp
 from .files import write_bytes_atomic, write_text_atomic
+from .parts import Parts
 from .render import concept_view, peak_crop
 
 VIEW_SIZE = 160
@@ -33,8 +37,8 @@ class Tile:
 
     item_id: int
     path: str
-    value: float  # the concept's dimension of the stored embedding
-    view: bytes | None  # JPEG: the crop the model saw, this concept's attention overlaid
+    value: float  # the part's strength in the stored embedding (a concept: its dimension)
+    view: bytes | None  # JPEG: the crop the model saw, this part's attention overlaid
     crop: bytes | None  # JPEG: the window around the attention peak, enlarged
     error: str | None = None  # why the image could not be shown (moved, deleted, ...)
 
@@ -53,17 +57,19 @@ class Catalogue:
     cards: tuple[ConceptCard, ...]
     source: str = ""  # the index it came from, for the naming commands
     missing: tuple[str, ...] = field(default_factory=tuple)  # one line per unreadable image
+    noun: str = "concept"  # what a card is: a concept, or a DGML model's group
 
 
-def parse_concepts(spec: str | None, num_concepts: int) -> list[int]:
-    """``None``: all; ``"40"``: the first 40; ``"3,17,100-110"``: those ids (``"17,"``: one)."""
+def parse_concepts(spec: str | None, num_concepts: int, noun: str = "concept") -> list[int]:
+    """Part ids (``num_concepts`` parts called ``noun``): ``None``: all; ``"40"``: the first
+    40; ``"3,17,100-110"``: those ids (``"17,"``: one)."""
     if spec is None or not spec.strip():
         return list(range(num_concepts))
     spec = spec.strip()
     if spec.isdigit():
         count = int(spec)
         if count < 1:
-            raise ValueError(f"--concepts {spec}: need at least one concept")
+            raise ValueError(f"--concepts {spec}: need at least one {noun}")
         return list(range(min(count, num_concepts)))
     chosen: list[int] = []
     for part in filter(None, (p.strip() for p in spec.split(","))):
@@ -80,17 +86,18 @@ def parse_concepts(spec: str | None, num_concepts: int) -> list[int]:
         for value in values:
             if not 0 <= value < num_concepts:
                 raise ValueError(
-                    f"--concepts {spec}: concept {value} out of range (0-{num_concepts - 1})"
+                    f"--concepts {spec}: {noun} {value} out of range (0-{num_concepts - 1})"
                 )
             if value not in chosen:
                 chosen.append(value)
     if not chosen:
-        raise ValueError(f"--concepts {spec}: no concepts given")
+        raise ValueError(f"--concepts {spec}: no {noun}s given")
     return chosen
 
 
 def strongest(embeddings: np.ndarray, concept: int, count: int) -> np.ndarray:
-    """Rows of ``embeddings`` with the highest value in dimension ``concept``, best first."""
+    """Rows of ``embeddings`` (or of per-part strengths) with the highest value in column
+    ``concept``, best first."""
     column = np.asarray(embeddings[:, concept])
     count = min(count, column.shape[0])
     if count <= 0:
@@ -117,10 +124,12 @@ def build(
     batch_size: int = 16,
     progress: Callable[[int, int], None] | None = None,
 ) -> Catalogue:
-    """Pick each concept's strongest items by the stored embeddings, then draw where it looks.
+    """Pick each part's strongest items by the stored embeddings, then draw where it looks.
 
-    Attention is not stored in an index, so the chosen images (each once, however many
-    concepts chose it) are run through the model again. An image that cannot be read any more
+    ``concepts`` are part ids (:class:`~cmn_edge.parts.Parts` of the embedder's model: its
+    concepts, or a DGML model's groups) and ``names`` one per part. Attention is not stored
+    in an index, so the chosen images (each once, however many parts chose it) are run
+    through the model again. An image that cannot be read any more
     is listed as missing, not fatal: a catalogue of the rest is still useful.
     """
     embeddings = np.asarray(embeddings)
@@ -131,7 +140,9 @@ def build(
             f"{source or 'index'}: embeddings have {embeddings.shape[1]} concepts, the model "
             f"{embedder.num_concepts}"
         )
-    chosen = {c: strongest(embeddings, c, per_concept) for c in concepts}
+    parts = Parts.of(embedder.metadata)
+    strength = parts.strength(embeddings)
+    chosen = {c: strongest(strength, c, per_concept) for c in concepts}
     wanted: dict[int, list[int]] = {}
     for concept, rows in chosen.items():
         for row in rows:
@@ -153,7 +164,7 @@ def build(
                 errors[row] = str(exc)
         if kept:
             batch = np.stack([pp.to_tensor(crop, pre) for crop in crops])
-            attention = embedder.embed_arrays(batch, with_attention=True).attention
+            attention = parts.maps(embedder.embed_arrays(batch, with_attention=True).attention)
             for row, crop, maps in zip(kept, crops, attention):
                 for concept in wanted[row]:
                     pictures[(row, concept)] = (
@@ -170,18 +181,33 @@ def build(
         for row in chosen[concept]:
             row = int(row)
             view, crop = pictures.get((row, concept), (None, None))
-            tiles.append(Tile(
-                item_id=int(item_ids[row]), path=str(paths[row]),
-                value=float(embeddings[row, concept]), view=view, crop=crop,
-                error=errors.get(row),
-            ))
+            tiles.append(
+                Tile(
+                    item_id=int(item_ids[row]),
+                    path=str(paths[row]),
+                    value=float(strength[row, concept]),
+                    view=view,
+                    crop=crop,
+                    error=errors.get(row),
+                )
+            )
         name = names[concept] if names is not None else None
         cards.append(ConceptCard(int(concept), name or None, tuple(tiles)))
     return Catalogue(
-        model_id=embedder.model_id, num_items=int(embeddings.shape[0]), cards=tuple(cards),
-        source=source, missing=tuple(errors[row] for row in sorted(errors)),
+        model_id=embedder.model_id,
+        num_items=int(embeddings.shape[0]),
+        cards=tuple(cards),
+        source=source,
+        missing=tuple(errors[row] for row in sorted(errors)),
+        noun=parts.noun,
     )
 
+
+#: What "strongest" means for each kind of part (the page says it).
+_STRENGTH = {
+    "concept": "highest value in the embedding",
+    "group": "its block closest to the group's mean over the gallery: its most typical look",
+}
 
 _STYLE = """
 body{font-family:system-ui,sans-serif;margin:1.5em;color:#222;background:#fafafa}
@@ -219,27 +245,36 @@ def to_html(catalogue: Catalogue, image_src: Callable[[Tile, str, bytes], str]) 
     """The page; ``image_src(tile, kind, jpeg)`` says where each picture lives."""
     e = html.escape
     index = catalogue.source
+    noun = catalogue.noun
+    title_word = f"{noun.capitalize()}s"
     parts = [
         "<!DOCTYPE html><html lang=en><head><meta charset=utf-8>",
-        f"<title>Concepts of {e(catalogue.model_id)}</title><style>{_STYLE}</style></head>",
-        f"<body data-index=\"{e(index)}\">",
-        f"<h1>Concepts of {e(catalogue.model_id)}</h1>",
-        f"<p class=meta>{len(catalogue.cards)} concepts; for each, the "
+        f"<title>{title_word} of {e(catalogue.model_id)}</title><style>{_STYLE}</style></head>",
+        f'<body data-index="{e(index)}">',
+        f"<h1>{title_word} of {e(catalogue.model_id)}</h1>",
+        f"<p class=meta>{len(catalogue.cards)} {noun}s; for each, the "
         f"{max((len(c.tiles) for c in catalogue.cards), default=0)} of {catalogue.num_items} "
-        "indexed images where it is strongest (highest value in the embedding), each shown as "
-        "the crop the model saw with the concept's attention overlaid (peak cell boxed) and the "
+        f"indexed images where it is strongest ({_STRENGTH[noun]}), each shown as "
+        f"the crop the model saw with the {noun}'s attention overlaid (peak cell boxed) and the "
         "window around that peak. Type names below and copy the commands at the bottom, or run "
-        f"<code>cmn-edge concepts name --index {e(shlex.quote(index))} CONCEPT NAME</code>.</p>",
+        f"<code>cmn-edge concepts name --index {e(shlex.quote(index))} {noun.upper()} NAME"
+        "</code>.</p>",
     ]
     if catalogue.missing:
-        parts.append(f"<p class=meta>{len(catalogue.missing)} image(s) could not be read: "
-                     + "; ".join(e(m) for m in catalogue.missing[:20]) + "</p>")
+        parts.append(
+            f"<p class=meta>{len(catalogue.missing)} image(s) could not be read: "
+            + "; ".join(e(m) for m in catalogue.missing[:20])
+            + "</p>"
+        )
     for card in catalogue.cards:
-        title = (f"concept {card.concept} &mdash; {e(card.name)}" if card.name
-                 else f"concept {card.concept} <span class=unnamed>(unnamed)</span>")
+        title = (
+            f"{noun} {card.concept} &mdash; {e(card.name)}"
+            if card.name
+            else f"{noun} {card.concept} <span class=unnamed>(unnamed)</span>"
+        )
         parts.append(
             f"<section id=c{card.concept}><h2>{title}<input data-concept={card.concept} "
-            f"placeholder=\"name concept {card.concept}\" value=\"{e(card.name or '')}\"></h2>"
+            f'placeholder="name {noun} {card.concept}" value="{e(card.name or "")}"></h2>'
             "<div class=row>"
         )
         for rank, tile in enumerate(card.tiles, 1):
@@ -250,13 +285,13 @@ def to_html(catalogue: Catalogue, image_src: Callable[[Tile, str, bytes], str]) 
                 view_src = image_src(tile, f"c{card.concept}_{rank}_view", tile.view)
                 crop_src = image_src(tile, f"c{card.concept}_{rank}_peak", tile.crop)
                 body = (
-                    f"<div class=pair><img src=\"{view_src}\" width={VIEW_SIZE} "
-                    f"height={VIEW_SIZE} alt=\"attention of concept {card.concept}\">"
-                    f"<img src=\"{crop_src}\" width={CROP_SIZE} height={CROP_SIZE} "
-                    "alt=\"peak window\"></div>"
+                    f'<div class=pair><img src="{view_src}" width={VIEW_SIZE} '
+                    f'height={VIEW_SIZE} alt="attention of {noun} {card.concept}">'
+                    f'<img src="{crop_src}" width={CROP_SIZE} height={CROP_SIZE} '
+                    'alt="peak window"></div>'
                 )
             parts.append(
-                f"<figure title=\"{e(tile.path)} (item {tile.item_id})\">{body}"
+                f'<figure title="{e(tile.path)} (item {tile.item_id})">{body}'
                 f"<figcaption>{label}</figcaption></figure>"
             )
         parts.append("</div></section>")
@@ -288,6 +323,7 @@ def write(catalogue: Catalogue, out: str | os.PathLike) -> Path:
     """
     out = check_out(out)
     if out.suffix.lower() in (".html", ".htm"):
+
         def inline(tile: Tile, stem: str, data: bytes) -> str:
             return "data:image/jpeg;base64," + base64.b64encode(data).decode("ascii")
 

@@ -12,10 +12,15 @@ import linecache
 import os
 import sys
 import traceback
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from .registry import PRECISION_CHOICES
+
+if TYPE_CHECKING:
+    from .parts import Parts
 
 #: Set to anything but "" or "0" to print the traceback of every error (like ``--debug``).
 DEBUG_ENV = "CMN_EDGE_DEBUG"
@@ -150,28 +155,75 @@ def _split_concepts(values: tuple[str, ...]) -> list[str]:
     return [part.strip() for value in values for part in value.split(",") if part.strip()]
 
 
-def concept_controls(
-    exclude_concept: tuple[str, ...],
-    only_concept: tuple[str, ...],
-    concept_weight: tuple[str, ...],
-    renormalize: bool,
-    where: tuple[str, ...],
-) -> dict:
-    """The search options as ``search`` keywords (exclude, only, weights, renormalize,
-    where): one reading for the local index and the PostgreSQL gallery."""
+#: The search's part options and, beside each, its CMN name (the same control on a CMN).
+PART_OPTIONS = (
+    ("exclude_part", "exclude_concept"),
+    ("only_part", "only_concept"),
+    ("part_weight", "concept_weight"),
+)
+
+
+def _flag(key: str) -> str:
+    return "--" + key.replace("_", "-")
+
+
+def concept_controls(options: Mapping[str, Any], parts: Parts) -> dict:
+    """The search's raw options as ``search`` keywords (exclude, only, weights, renormalize,
+    where): one reading for the local index and the PostgreSQL gallery.
+
+    ``--exclude-part``/``--only-part``/``--part-weight`` name the model's parts (``parts``);
+    the ``--*-concept`` options are their CMN names. On a model whose parts are not concepts
+    (a DGML's groups) a ``--*-concept`` option is refused rather than guessed at: concept N
+    there could mean dimension N or group N.
+    """
+    values: dict[str, list[str]] = {}
+    for part_key, concept_key in PART_OPTIONS:
+        given = tuple(options.get(concept_key) or ())
+        if given and parts.noun != "concept":
+            raise CliError(
+                f"{_flag(concept_key)}: this model's parts are {parts.noun}s "
+                f"({parts.head.upper()}, {parts.describe()}), not concepts; "
+                f"use {_flag(part_key)}"
+            )
+        values[part_key] = [*given, *(options.get(part_key) or ())]
     weights = {}
-    for key, value in parse_pairs(concept_weight, "--concept-weight"):
+    for key, value in parse_pairs(tuple(values["part_weight"]), "--part-weight"):
         try:
             weights[key] = float(value)
         except ValueError:
-            raise CliError(f"--concept-weight {key}={value}: weight is not a number") from None
+            raise CliError(f"--part-weight {key}={value}: weight is not a number") from None
     return dict(
-        exclude=_split_concepts(exclude_concept),
-        only=_split_concepts(only_concept) or None,
+        exclude=_split_concepts(tuple(values["exclude_part"])),
+        only=_split_concepts(tuple(values["only_part"])) or None,
         weights=weights or None,
-        renormalize=renormalize,
-        where=dict(parse_pairs(where, "--where")) or None,
+        renormalize=bool(options.get("renormalize")),
+        where=dict(parse_pairs(tuple(options.get("where") or ()), "--where")) or None,
     )
+
+
+def part_options(func):
+    """The search's part controls: --exclude-part, --only-part, --part-weight and their CMN
+    names --exclude-concept, --only-concept, --concept-weight (one implementation for the
+    local index and the PostgreSQL gallery)."""
+    specs = [
+        ("--concept-weight", "Weight a concept: I=W or NAME=W (CMN name of --part-weight)."),
+        ("--only-concept", "Compare on these concepts only (CMN name of --only-part)."),
+        ("--exclude-concept", "Concept index or name to ignore (CMN name of --exclude-part)."),
+        ("--part-weight", "Weight a part (concept or DGML group): I=W or NAME=W."),
+        (
+            "--only-part",
+            "Compare on these parts only (concepts, or a DGML model's groups; repeatable, "
+            "or comma-separated).",
+        ),
+        (
+            "--exclude-part",
+            "Part to ignore: a concept, or a DGML model's group (its whole block), by id or "
+            "name (repeatable, or comma-separated).",
+        ),
+    ]
+    for flag, text in specs:
+        func = click.option(flag, multiple=True, help=text)(func)
+    return func
 
 
 def query_item_id(query: str) -> int | None:

@@ -37,11 +37,11 @@ def _format_share(share: float | None) -> str:
     return "-" if share is None else f"{share:.1%}"
 
 
-def _print_terms(title: str, terms) -> None:
+def _print_terms(title: str, terms, noun: str = "concept") -> None:
     if not terms:
         return
     click.echo(title)
-    click.echo(f"  {'rank':>4}  {'concept':>7}  {'contribution':>12}  {'share':>7}  name")
+    click.echo(f"  {'rank':>4}  {noun:>7}  {'contribution':>12}  {'share':>7}  name")
     for rank, term in enumerate(terms, 1):
         click.echo(
             f"  {rank:>4}  {term.index:>7}  {term.contribution:>+12.5f}  "
@@ -57,14 +57,14 @@ def _print_terms(title: str, terms) -> None:
     type=click.IntRange(min=1),
     default=10,
     show_default=True,
-    help="How many concepts to show.",
+    help="How many parts (concepts, or a DGML model's groups) to show.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document instead of text.")
 @click.option(
     "--heatmap",
     type=click.Path(dir_okay=False, path_type=Path),
     default=None,
-    help="Write a PNG: both images, the top concepts' attention, peak-to-peak lines.",
+    help="Write a PNG: both images, the top parts' attention, peak-to-peak lines.",
 )
 @click.option(
     "--scale",
@@ -78,7 +78,7 @@ def _print_terms(title: str, terms) -> None:
     "index_dir",
     type=click.Path(path_type=Path),
     default=None,
-    help="A concept index whose saved concept names to show.",
+    help="A concept index whose saved concept (or group) names to show.",
 )
 @click.option(
     "--structural",
@@ -101,11 +101,12 @@ def explain(
     precision: str,
     threads: int | None,
 ) -> None:
-    """Why IMAGE_A and IMAGE_B are similar: each concept's term of their similarity.
+    """Why IMAGE_A and IMAGE_B are similar: each part's term of their similarity.
 
-    The terms (a_i * b_i of the two unit embeddings) sum exactly to the score. The share of a
-    term is contribution / score: shares of all concepts sum to 1; a negative share means the
-    concept pulls the pair apart (for a positive score).
+    A part is a concept (CMN) or a group of dimensions (DGML). The terms (a_i * b_i of the two
+    unit embeddings, summed over a group's block) sum exactly to the score. The share of a
+    term is contribution / score: shares of all parts sum to 1; a negative share means the
+    part pulls the pair apart (for a positive score).
     """
     from .explain import explain as run_explain
 
@@ -136,8 +137,10 @@ def explain(
         click.echo(json.dumps(document, indent=2))
         return
     click.echo(f"score {result.score:+.5f}  ({image_a.name} vs {image_b.name}, {result.model_id})")
-    _print_terms(f"top {len(result.top)} concepts (share = contribution / score):", result.top)
-    _print_terms("pulling apart:", result.against[: min(3, len(result.against))])
+    noun = result.part_layout.noun
+    title = f"top {len(result.top)} {noun}s (share = contribution / score):"
+    _print_terms(title, result.top, noun)
+    _print_terms("pulling apart:", result.against[: min(3, len(result.against))], noun)
     if pairs is not None:
         cols = embedder.metadata.region_grid[1]
         click.echo(f"structural similarity {pairs.score:+.5f} (DIML; region pairs, largest first):")
@@ -197,10 +200,12 @@ def _structural_document(pairs, grid: tuple[int, int]) -> dict:
 )
 @click.option(
     "--concepts",
+    "--parts",
     "spec",
     default=None,
     metavar="N|LIST",
-    help="The first N concepts, or ids like 3,17,100-110 (one id: 17,). Default: all.",
+    help="The first N parts (concepts, or a DGML model's groups), or ids like 3,17,100-110 "
+    "(one id: 17,). Default: all.",
 )
 @click.option("--unnamed", is_flag=True, help="Only concepts without a name yet.")
 @model_options
@@ -217,10 +222,11 @@ def concepts(
     precision: str,
     threads: int | None,
 ) -> None:
-    """A catalogue of concepts: each one's strongest gallery images and where it looks.
+    """A catalogue of parts (concepts, or a DGML model's groups): each one's strongest gallery
+    images and where it looks.
 
-    Open the HTML, see what a concept's images share, and name it with
-    `cmn-edge concepts name --index DIR CONCEPT NAME`; names then work wherever a concept is
+    Open the HTML, see what a part's images share, and name it with
+    `cmn-edge concepts name --index DIR PART NAME`; names then work wherever a part is
     asked for (search controls, explain --index).
     """
     if ctx.invoked_subcommand is not None:
@@ -234,16 +240,17 @@ def concepts(
     if len(index) == 0:
         raise CliError(f"{index_dir}: index is empty")
     embedder = _embedder(model, precision, threads, index)
-    chosen = catalogue.parse_concepts(spec, index.num_concepts)
+    parts = index.parts
+    chosen = catalogue.parse_concepts(spec, parts.count, parts.noun)
     names = index.concept_names
     if unnamed:
         chosen = [c for c in chosen if c not in names]
         if not chosen:
-            raise CliError(f"{index_dir}: every chosen concept is named already")
+            raise CliError(f"{index_dir}: every chosen {parts.noun} is named already")
     ids = index.ids
     embeddings = np.stack([index.embedding(i) for i in ids])
     paths = _LazyPaths(index, ids)
-    name_list = [names.get(c) for c in range(index.num_concepts)]
+    name_list = [names.get(c) for c in range(parts.count)]
     result = catalogue.build(
         embedder,
         ids,
@@ -256,7 +263,7 @@ def concepts(
     )
     written = catalogue.write(result, out)
     tiles = sum(len(card.tiles) for card in result.cards)
-    click.echo(f"wrote {written}: {len(result.cards)} concepts, {tiles} images")
+    click.echo(f"wrote {written}: {len(result.cards)} {parts.noun}s, {tiles} images")
     for line in result.missing:
         click.echo(f"warning: {line}", err=True)
 

@@ -53,7 +53,14 @@ import click
 import numpy as np
 
 from . import cli_postgres
-from .cli_common import CliError, concept_controls, model_options, query_item_id, user_errors
+from .cli_common import (
+    CliError,
+    concept_controls,
+    model_options,
+    part_options,
+    query_item_id,
+    user_errors,
+)
 from .embedder import Embedder, list_images
 from .index import ConceptIndex, ConceptIndexError, Index, embedder_for_index, is_index_dir
 from .index.rerank import DEFAULT_DEPTH, RERANK_CHOICES
@@ -475,7 +482,9 @@ def info(index_dir: Path, as_json: bool) -> None:
     click.echo(f"index:     {index_dir}")
     click.echo(f"model:     {manifest['model']['id']} ({manifest['model']['precision']})")
     click.echo(f"items:     {counts['items']} ({counts['deleted_slots']} free graph slots)")
-    click.echo(f"concepts:  {manifest['num_concepts']} ({counts['named_concepts']} named)")
+    parts = idx.parts
+    shown = f"{parts.noun}s:"
+    click.echo(f"{shown:<11}{parts.describe()} ({counts['named_concepts']} named)")
     graph = hnsw["graph_dims_in_use"]
     click.echo(
         f"hnsw:      M={hnsw['M']} ef_construction={hnsw['ef_construction']} "
@@ -500,7 +509,7 @@ def info(index_dir: Path, as_json: bool) -> None:
     )
     click.echo(f"metadata:  {', '.join(manifest['metadata_keys']) or '(none)'}")
     for i, name in manifest["concept_names"].items():
-        click.echo(f"  concept {i}: {name}")
+        click.echo(f"  {parts.noun} {i}: {name}")
 
 
 @index.command("optimize")
@@ -573,17 +582,21 @@ def regions(index_dir: Path, model, precision, threads, batch_size) -> None:
 @INDEX_OPTION
 @click.argument("concept")
 @click.argument("name", required=False)
-@click.option("--clear", is_flag=True, help="Remove the concept's name.")
+@click.option("--clear", is_flag=True, help="Remove the part's name.")
 @user_errors
 def name_concept(index_dir: Path, concept: str, name: str | None, clear: bool) -> None:
-    """Name CONCEPT (an index or its current name) NAME, so searches can say --exclude NAME."""
+    """Name a part NAME: CONCEPT is a concept, or a DGML model's group, by id or current name;
+    searches can then say --exclude-part NAME (also `index name-part`)."""
     if clear == (name is not None):
         raise CliError("give a NAME, or --clear to remove the name (not both)")
     idx = ConceptIndex.open(index_dir)
-    concept_index = idx.resolve_concept(concept)
+    concept_index = idx.resolve_part(concept)
     idx.set_concept_name(concept_index, None if clear else name)
     shown = "unnamed" if clear else f"named '{name.strip()}'"
-    click.echo(f"concept {concept_index} {shown} in {index_dir}")
+    click.echo(f"{idx.parts.noun} {concept_index} {shown} in {index_dir}")
+
+
+index.add_command(name_concept, name="name-part")
 
 
 # ---------------------------------------------------------------------- search
@@ -592,28 +605,20 @@ def name_concept(index_dir: Path, concept: str, name: str | None, clear: bool) -
 @click.option("--index", "index_dir", type=click.Path(path_type=Path), help="Index directory.")
 @cli_postgres.backend_options
 @click.option("-k", "k", type=int, default=10, show_default=True, help="Results to return.")
-@click.option(
-    "--exclude-concept",
-    multiple=True,
-    help="Concept index or name to ignore (repeatable, or comma-separated).",
-)
-@click.option(
-    "--only-concept",
-    multiple=True,
-    help="Compare on these concepts only (repeatable, or comma-separated).",
-)
-@click.option("--concept-weight", multiple=True, help="Weight a concept: I=W or NAME=W.")
+@part_options
 @click.option(
     "--renormalize",
     is_flag=True,
-    help="Score by cosine over the kept concepts instead of the masked dot product.",
+    help="Score by cosine over the kept parts instead of the masked dot product.",
 )
 @click.option(
     "--where", multiple=True, help="Metadata filter KEY=VALUE (repeatable: all; VALUE may hold =)."
 )
 @click.option("--exact", is_flag=True, help="Brute force instead of the HNSW graph.")
 @click.option("--json", "as_json", is_flag=True, help="Print the documented JSON shape.")
-@click.option("--explain", is_flag=True, help="Show each hit's top contributing concepts.")
+@click.option(
+    "--explain", is_flag=True, help="Show each hit's top contributing parts (concepts, groups)."
+)
 @click.option("--explain-top", type=click.IntRange(1), default=5, show_default=True)
 @click.option(
     "--rerank",
@@ -636,6 +641,9 @@ def search(
     backend: str | None,
     table: str,
     k,
+    exclude_part,
+    only_part,
+    part_weight,
     exclude_concept,
     only_concept,
     concept_weight,
@@ -664,7 +672,7 @@ def search(
     if index_dir is None:
         raise CliError("--index DIR (or --backend postgresql://...) is required")
     idx = Index(ConceptIndex.load(index_dir), threads=threads)
-    controls = concept_controls(exclude_concept, only_concept, concept_weight, renormalize, where)
+    controls = concept_controls(locals(), idx.index.parts)
     filters, weights = controls["where"] or {}, controls["weights"]
     controls.update(
         exact=exact,
@@ -721,12 +729,12 @@ def search(
                 f"       global {hit.score_global:.4f} + structural {hit.score_structural:.4f}"
             )
         if hit.top_concepts:
-            parts = []
+            terms = []
             for c in hit.top_concepts:
                 label = f"#{c['index']}" + (f" {c['name']}" if c["name"] else "")
                 share = f" ({100 * c['share']:.0f}%)" if c["share"] is not None else ""
-                parts.append(f"{label} {c['contribution']:+.4f}{share}")
-            click.echo("       concepts: " + ", ".join(parts))
+                terms.append(f"{label} {c['contribution']:+.4f}{share}")
+            click.echo(f"       {idx.index.parts.noun}s: " + ", ".join(terms))
 
 
 index.add_command(cli_postgres.export_command)

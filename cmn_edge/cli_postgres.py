@@ -74,24 +74,19 @@ def search(
 ) -> list:
     """Search the server's gallery as ``cmn-edge search`` searches a local index.
 
-    ``options``: the search command's raw concept options (exclude_concept, only_concept,
-    concept_weight, renormalize, where, exact), parsed by the same helpers.
+    ``options``: the search command's raw part options (exclude_part, only_part,
+    part_weight, their CMN names exclude_concept, only_concept, concept_weight, renormalize,
+    where, exact), parsed by the same helper against the gallery's parts.
     """
     from .embedder import Embedder
     from .postgres import PgGallery
 
     where_args = options["where"]
-    controls = concept_controls(
-        options["exclude_concept"],
-        options["only_concept"],
-        options["concept_weight"],
-        options["renormalize"],
-        where_args,
-    )
-    filters = controls.pop("where") or {}
-    controls["exact"] = options["exact"]
 
     with PgGallery.connect(url, table) as gallery:
+        controls = concept_controls(options, gallery.parts)
+        filters = controls.pop("where") or {}
+        controls["exact"] = options["exact"]
         query_id = query_item_id(query)
         if query_id is not None:
             vector = gallery.embedding(query_id)
