@@ -1,12 +1,13 @@
-"""A kiosk page: drop a photo, see the most similar gallery photos, switch concepts off, see why.
+"""A kiosk page: drop a photo, see the most similar gallery photos, switch parts off, see why.
 
     cmn-edge index build examples/photos --index /tmp/kiosk-index
     python examples/kiosk/app.py --index /tmp/kiosk-index      # then open http://127.0.0.1:5000
 
-Every dimension of a CMN embedding is one concept, so the page can offer the concepts that
-drive the current results as chips: switching one off searches again with that concept left
-out of the score (the index's ``exclude``). "Why?" on a result draws where the top concepts
-were found in both photos (``cmn_edge.explain`` + ``cmn_edge.render``).
+The page offers the model's parts that drive the current results as chips: a CMN's concepts
+(one dimension each) or a DGML model's groups (a block of dimensions each; see
+``cmn_edge.parts``). Switching one off searches again with that part left out of the score
+(the index's ``exclude``). "Why?" on a result draws where the top parts were found in both
+photos (``cmn_edge.explain`` + ``cmn_edge.render``).
 """
 
 from __future__ import annotations
@@ -64,8 +65,8 @@ def open_index(index_dir: Path, model: str | None, precision: str | None, thread
 
 
 def concept_labels(index: Index, embedder: Embedder) -> dict[int, str]:
-    """Names from the index (set by people), else from the model, else none."""
-    names = {i: n for i, n in enumerate(embedder.metadata.concept_names) if n}
+    """Part names from the index (set by people), else from the model, else none."""
+    names = {i: n for i, n in enumerate(index.parts.model_names(embedder.metadata)) if n}
     names.update(index.concept_names)
     return names
 
@@ -79,6 +80,7 @@ def create_app(
 ) -> Flask:
     index, embedder = open_index(index_dir, model, precision, threads)
     names = concept_labels(index, embedder)
+    parts = index.parts
     uploads = Path(tempfile.mkdtemp(prefix="cmn-kiosk-"))
     queries: OrderedDict[str, Query] = OrderedDict()
     lock = threading.Lock()
@@ -107,7 +109,9 @@ def create_app(
 
     @app.get("/")
     def page():
-        return render_template("index.html", count=len(index), model=embedder.model_id, k=k)
+        return render_template(
+            "index.html", count=len(index), model=embedder.model_id, k=k, noun=parts.noun
+        )
 
     @app.post("/api/query")
     def new_query():
@@ -124,14 +128,23 @@ def create_app(
             reason = str(exc).removeprefix(f"{path}: ")
             return error(f"{upload.filename}: {reason}")
         token = remember(Query(path, vector))
-        # The chips: the concepts that contribute most to the scores of the top results.
+        # The chips: the parts that contribute most to the scores of the top results.
         hits = index.search(vector, k, explain=CHIPS)
         totals: dict[int, float] = {}
         for hit in hits:
             for term in hit.top_concepts or []:
                 totals[term["index"]] = totals.get(term["index"], 0.0) + term["contribution"]
         top = sorted(totals, key=lambda i: -totals[i])[:CHIPS]
-        concepts = [{"index": i, "label": label(i), "value": float(vector[i])} for i in top]
+        values = parts.values(vector)
+        concepts = [
+            {
+                "index": i,
+                "label": label(i),
+                "value": float(values[i]),
+                "contribution": totals[i],
+            }
+            for i in top
+        ]
         return jsonify(token=token, concepts=concepts)
 
     @app.get("/api/search")
@@ -176,9 +189,7 @@ def create_app(
         path, _ = index.item(item_id)
         try:
             off = {
-                index.resolve_concept(c)
-                for c in request.args.get("off", "").split(",")
-                if c.strip()
+                index.resolve_part(c) for c in request.args.get("off", "").split(",") if c.strip()
             }
             result = explain(
                 query.path, path, embedder, top=FIGURE_CONCEPTS + len(off), names=names
@@ -191,11 +202,11 @@ def create_app(
 
 
 def without(result: Explanation, off: set[int]) -> Explanation:
-    """The explanation of the score the page shows when concepts are switched off.
+    """The explanation of the score the page shows when parts are switched off.
 
-    Leaving concept i out of the query removes exactly its term q_i g_i from the score (the
-    index's ``exclude``), so the figure's score is the sum of the remaining terms and its top
-    concepts are the strongest of those.
+    Leaving part i out of the query removes exactly its term (q_i g_i, summed over a group's
+    block) from the score (the index's ``exclude``), so the figure's score is the sum of the
+    remaining terms and its top parts are the strongest of those.
     """
     if not off:
         return result

@@ -1,4 +1,5 @@
-// The kiosk page: upload a photo, show its nearest gallery photos, toggle concepts, explain.
+// The kiosk page: upload a photo, show its nearest gallery photos, toggle parts, explain.
+// A part is a concept (CMN) or a group of dimensions (DGML); window.KIOSK.noun says which.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
@@ -40,7 +41,8 @@ function showConcepts(concepts) {
     chip.type = "button";
     chip.dataset.concept = c.index;
     chip.setAttribute("aria-pressed", "true");
-    chip.title = `concept #${c.index}: ${c.value.toFixed(3)} in your photo`;
+    chip.title = `${window.KIOSK.noun} #${c.index}: adds ${c.contribution.toFixed(3)} ` +
+      "to the scores shown";
     chip.textContent = c.label;
     chip.addEventListener("click", () => toggle(chip));
     box.append(chip);
@@ -74,7 +76,7 @@ async function search() {
     if (card) explain({ id: state.chosen, name: card.dataset.name }, card);
     else { state.chosen = null; $("explain").hidden = true; }
   }
-  const off = state.off.size ? ` without ${state.off.size} concept(s)` : "";
+  const off = state.off.size ? ` without ${state.off.size} ${window.KIOSK.noun}(s)` : "";
   setStatus(`${body.results.length} most similar photos${off}.`);
 }
 
@@ -116,7 +118,7 @@ function explain(hit, card) {
   document.querySelectorAll(".hit.chosen").forEach((c) => c.classList.remove("chosen"));
   card.classList.add("chosen");
   const off = [...state.off].join(",");
-  const without = off ? ` without ${state.off.size} concept(s)` : "";
+  const without = off ? ` without ${state.off.size} ${window.KIOSK.noun}(s)` : "";
   $("explain-title").textContent = `Why your photo matches ${hit.name}${without}`;
   $("heatmap").src = `/explain/${state.token}/${hit.id}.png` + (off ? `?off=${off}` : "");
   $("explain").hidden = false;
