@@ -54,8 +54,9 @@ class CalibrateMixin:
         graph as a stepping stone right next to the answer, which flatters recall. Without
         ``queries`` that is what is used. ``exclude_own``: the item id each query is (left
         out of its own results), for queries taken from the index's tail. Masks drop a
-        random fraction of the concepts, scored both as masked inner product and
-        renormalised. Galleries small enough for brute force need none of this.
+        random fraction of the parts (concepts, or a DGML's groups), scored both as masked
+        inner product and renormalised. Galleries small enough for brute force need none of
+        this.
         """
         rng = np.random.default_rng(seed)
         ids = np.asarray(self.ids)
@@ -105,9 +106,10 @@ class CalibrateMixin:
             self.ef = min(self.max_ef, math.ceil(self.ef * 1.25))
             plain, plain_low = measure(plain_controls, truth)
         mask_sets: dict[bool, list] = {False: [], True: []}
+        count = self.parts.count  # masks drop whole parts: concepts, or a DGML's groups
         for fraction in mask_fractions:
-            n_drop = max(1, round(fraction * self.num_concepts))
-            drops = [rng.choice(self.num_concepts, n_drop, replace=False) for _ in queries]
+            n_drop = max(1, round(fraction * count))
+            drops = [rng.choice(count, n_drop, replace=False) for _ in queries]
             for renormalize in (False, True):
                 name = f"{fraction}{' renormalized' if renormalize else ''}"
                 controls = [{"exclude": d, "renormalize": renormalize} for d in drops]
