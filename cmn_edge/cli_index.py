@@ -16,7 +16,8 @@ batch by batch, so an interrupted one resumes where it stopped when run again.
       "k": 10,
       "exact": false,
       "control": {"exclude": [3], "only": null, "weights": {"7": 2.0},
-                  "renormalize": false, "where": {"label": "cat"}},
+                  "renormalize": false, "parts": "concepts",   # or "groups" (DGML)
+                  "where": {"label": "cat"}},
       "results": [
         {"rank": 1, "id": 4, "score": 0.93, "path": "/abs/cat.jpg",
          "metadata": {"label": "cat"},
@@ -28,7 +29,9 @@ batch by batch, so an interrupted one resumes where it stopped when run again.
 
 ``score`` is the masked inner product ``(q * w) . g`` (the cosine when no control is given),
 or with ``--renormalize`` the cosine over the kept concepts. A concept's ``contribution`` is
-its term of that score (they sum to it) and ``share`` is contribution / score.
+its term of that score (they sum to it) and ``share`` is contribution / score. The ids in
+``control`` and ``top_concepts`` count the model's parts (:mod:`cmn_edge.parts`): concepts,
+or a DGML model's groups, whose contribution is the sum of its block's terms.
 
 With ``--rerank structural`` (DIML) the best ``--rerank-depth`` candidates of that search
 are re-ordered by ``score = score_global + score_structural``, where ``score_global`` is

@@ -152,8 +152,10 @@ def test_cli_text_json_and_heatmap(photos, mirrored_cat, tmp_path, embedder) -> 
     document = json.loads(result.stdout)
     assert set(document) == {
         "score", "model", "num_concepts", "input_size", "attention_grid", "share", "a", "b",
-        "top", "against", "heatmap",
+        "top", "against", "heatmap", "parts",
     }
+    # what the terms count: one concept a dimension on a CMN
+    assert document["parts"] == {"kind": "concepts", "count": embedder.num_concepts, "size": 1}
     assert len(document["top"]) == 4 and document["heatmap"] == str(out)
     assert [t["rank"] for t in document["top"]] == [1, 2, 3, 4]
     x = explain(photos["cat"], mirrored_cat, embedder)

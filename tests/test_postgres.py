@@ -162,6 +162,74 @@ def test_cli_export_and_search_match_local_json(pg_url: str, tmp_path: Path, pho
     assert again.exit_code == 1 and "already exists (--replace" in again.output
 
 
+def test_a_dgml_gallery_masks_whole_groups_as_the_local_index_does(pg_url: str) -> None:
+    """Issue #18: a DGML gallery's parts are its groups; a group control zeroes a block."""
+    import psycopg
+
+    from cmn_edge.parts import Parts
+
+    groups, dim = 8, C // 8
+    blocks = clustered(500, seed=8).reshape(500, groups, dim)
+    blocks /= np.linalg.norm(blocks, axis=-1, keepdims=True)
+    vectors = (blocks.reshape(500, C) / np.sqrt(groups)).astype(np.float32)
+    parts = Parts(groups, dim, "dgml")
+    index = ConceptIndex(C, "dgml@1", parts=parts)
+    index.add(vectors, [f"/photos/{i}.jpg" for i in range(500)])
+    index.set_concept_name(2, "head")
+    export_index(index, pg_url, table="dgml", replace=True)
+    controls = [
+        {"exclude": [1]},
+        {"exclude": ["head", 5]},
+        {"only": [0, 3]},
+        {"weights": {"head": 3.0, 6: 0.5}},
+        {"exclude": [4], "renormalize": True},
+    ]
+    queries = vectors[:4] * 0.5 + vectors[4:8] * 0.5
+    with PgGallery.connect(pg_url, "dgml") as gallery:
+        assert gallery.parts == parts and gallery.concept_names == {2: "head"}
+        for exact_below in (5000, 0):
+            gallery.exact_below = exact_below
+            for control in controls:
+                for q in queries:
+                    want = index.search(q, 10, exact=True, **control)
+                    got = gallery.search(q, 10, **control)
+                    assert [h.id for h in got] == [h.id for h in want], control
+                    assert [h.score for h in got] == pytest.approx(
+                        [h.score for h in want], abs=1e-6
+                    )
+        q = queries[0]
+        w = np.ones(C, np.float32)
+        w[dim : 2 * dim] = 0  # group 1's block
+        truth = np.argsort(-(vectors @ (q * w)), kind="stable")[:10]
+        assert [h.id for h in gallery.search(q, 10, exclude=[1])] == truth.tolist()
+    line = _cli_error(
+        ["search", "id:1", "--backend", pg_url, "--table", "dgml", "--exclude-concept", "1"]
+    )
+    assert "--exclude-concept" in line and "use --exclude-part" in line
+    out = CliRunner().invoke(
+        cli_main,
+        [
+            "search",
+            "id:1",
+            "--backend",
+            pg_url,
+            "--table",
+            "dgml",
+            "--exclude-part",
+            "head",
+            "--json",
+        ],
+    )
+    assert out.exit_code == 0, out.output
+    document = json.loads(out.stdout)
+    assert document["control"]["exclude"] == [2] and document["control"]["parts"] == "groups"
+    # a gallery exported before parts existed has no parts column: one concept a dimension
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute("ALTER TABLE dgml_model DROP COLUMN parts")
+    with PgGallery.connect(pg_url, "dgml") as gallery:
+        assert gallery.parts == Parts(C)
+
+
 def test_query_of_another_model_is_refused(pg_url: str, photos) -> None:
     export_index(local_index(clustered(50, seed=6), "other-model@0"), pg_url, table="foreign")
     with PgGallery.connect(pg_url, "foreign") as gallery:

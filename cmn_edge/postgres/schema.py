@@ -7,8 +7,11 @@ For a table name ``T`` (default ``cmn_gallery``):
   ``vector_ip_ops`` and a GIN index ``T_metadata`` for ``--where``.
 - ``T_model``: one row: the model identity (what a query must be embedded with), the
   concept count, the metadata keys, the HNSW parameters and the calibrated ``ef_search``
-  of an unmasked query (with the recall@10 it reached), where and when it came from.
-- ``T_concepts``: ``concept int``, ``name text``: the names ``--exclude-concept`` takes.
+  of an unmasked query (with the recall@10 it reached), where and when it came from, and
+  ``parts jsonb`` (:meth:`cmn_edge.parts.Parts.to_info`; NULL or absent: one concept a
+  dimension).
+- ``T_concepts``: ``concept int``, ``name text``: part names (a CMN's concepts, a DGML's
+  groups), the names ``--exclude-part`` takes.
 """
 
 from __future__ import annotations
