@@ -187,11 +187,12 @@ def concept_controls(options: Mapping[str, Any], parts: Parts) -> dict:
             )
         values[part_key] = [*given, *(options.get(part_key) or ())]
     weights = {}
-    for key, value in parse_pairs(tuple(values["part_weight"]), "--part-weight"):
-        try:
-            weights[key] = float(value)
-        except ValueError:
-            raise CliError(f"--part-weight {key}={value}: weight is not a number") from None
+    for key in ("concept_weight", "part_weight"):
+        for name, value in parse_pairs(tuple(options.get(key) or ()), _flag(key)):
+            try:
+                weights[name] = float(value)
+            except ValueError:
+                raise CliError(f"{_flag(key)} {name}={value}: weight is not a number") from None
     return dict(
         exclude=_split_concepts(tuple(values["exclude_part"])),
         only=_split_concepts(tuple(values["only_part"])) or None,

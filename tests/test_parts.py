@@ -503,3 +503,7 @@ def test_on_a_cmn_index_part_options_are_the_concept_options(tmp_path, embedder,
         cli("search", photos["cat"], "--index", root, "--exclude-part", str(embedder.num_concepts)),
         f"concept {embedder.num_concepts} is out of range",
     )
+    one_line_error(  # the option the user typed, not its other name
+        cli("search", photos["cat"], "--index", root, "--concept-weight", "5=x"),
+        "--concept-weight 5=x: weight is not a number",
+    )
