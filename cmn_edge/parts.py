@@ -84,6 +84,11 @@ class Parts:
         text = f"{self.count} {self.noun}{'s' if self.count != 1 else ''}"
         return text if self.size == 1 else f"{text} of {self.size} dimensions"
 
+    @property
+    def naming_command(self) -> str:
+        """The CLI command that names one part (``index name-part`` names any kind)."""
+        return "cmn-edge index name-concept" if self.head == "cmn" else "cmn-edge index name-part"
+
     def label(self, part: int, name: str | None = None) -> str:
         """``group 2`` or ``group 2 (head)``."""
         return f"{self.noun} {part}" + (f" ({name})" if name else "")

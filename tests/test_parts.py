@@ -149,6 +149,10 @@ def test_groups_are_named_and_resolved_by_name_and_bad_ones_say_so(dgml_index):
             dgml_index.plan(exclude=[4])
         with pytest.raises(ConceptError, match="unknown group name 'tail'.*head"):
             dgml_index.plan(only=["tail"])
+        dgml_index.set_concept_name(1, None)
+        with pytest.raises(ConceptError, match="none; name them with `cmn-edge index name-part`"):
+            dgml_index.plan(only=["tail"])
+        dgml_index.set_concept_name(1, "head")
         with pytest.raises(ConceptError, match="the group controls leave no group"):
             dgml_index.plan(exclude=[0, 1, 2, 3])
         with pytest.raises(ConceptError, match="group 1 is already named 'head'"):

@@ -74,7 +74,7 @@ class PlanMixin:
                     return index
             known = sorted(names.values())
             shown = ", ".join(known[:10]) + (" ..." if len(known) > 10 else "")
-            how = f"none; name them with `cmn-edge index name-{noun}`"
+            how = f"none; name them with `{self.parts.naming_command}`"
             raise ConceptError(
                 f"{self._where()}: unknown {noun} name '{part}' (named {noun}s: {shown or how})"
             )
