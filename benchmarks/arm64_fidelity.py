@@ -48,7 +48,7 @@ import onnxruntime as ort
 
 from cmn_edge import preprocess as pp
 from cmn_edge.dataset import load_samples
-from cmn_edge.embedder import Embedder
+from cmn_edge.embedder import Embedder, u8u8_rewrite_on
 from cmn_edge.metrics import retrieval_metrics
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -136,7 +136,10 @@ def main() -> None:
     print(f"QEMU_CPU     {os.environ.get('QEMU_CPU', '(unset)')}")
     print(f"hwcaps       {hwcaps()}")
     print(f"cmn_edge cpu {cpu.describe()}  (flags from {cpu.source})")
-    print(f"int8 config  {cpu.session_config('int8') or '{} (onnxruntime defaults)'}")
+    if "int8" in embedders:
+        rewrite = u8u8_rewrite_on(embedders["int8"].session)
+        how = "U8U8 rewrite" if rewrite else "as quantized (onnxruntime defaults)"
+        print(f"int8 session {how}")
 
     reference = dict(np.load(args.reference)) if args.reference else {}
     saved: dict[str, np.ndarray] = {}

@@ -496,6 +496,8 @@ def file_metadata(path: Path) -> dict:
             "activation_type": quant.get("activation_type"),
             "weight_type": quant.get("weight_type"),
             "per_channel": quant.get("per_channel"),
+            "gemm_weight_bits": 8 if meta.saturates_u8s8 else 7,
+            "u8u8_rewrite_here": meta.saturates_u8s8 and this_cpu().needs_u8u8,
             "calibration": quant.get("calibration", {}),
             "float_compute_nodes": {
                 op: len(nodes) for op, nodes in quant.get("float_compute_nodes", {}).items()
@@ -520,7 +522,16 @@ def _describe(meta: dict) -> list[str]:
         channel = "per-channel" if quant["per_channel"] else "per-tensor"
         lines.append(
             f"quantization: {quant['format']}, activations {quant['activation_type']}, "
-            f"weights {quant['weight_type']} {channel}"
+            f"weights {quant['weight_type']} {channel}, GEMM weights "
+            f"{quant['gemm_weight_bits']}-bit"
+        )
+        lines.append(
+            "on this CPU: "
+            + (
+                "U8U8 rewrite (8-bit GEMM weights would saturate U8S8 here)"
+                if quant["u8u8_rewrite_here"]
+                else "runs as quantized"
+            )
         )
         calib = quant["calibration"]
         method = calib.get("method", "?")

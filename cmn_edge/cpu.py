@@ -1,11 +1,14 @@
 """Which INT8 kernel path onnxruntime takes on this CPU, from the CPU's feature flags.
 
 Why it matters: on x86-64 without VNNI, onnxruntime's U8S8 kernels add pairs of
-u8 x s8 products in 16-bit lanes (VPMADDUBSW), which saturate; the default INT8 model then
-drifts far from FP32 (mean embedding cosine 0.93 instead of 0.997). onnxruntime's own cure
-is the session option ``session.x64quantprecision``: it rewrites the s8 weights to u8 at
-load time, an exact change, so the integer results match a VNNI machine's. It costs speed,
-and onnxruntime applies it on VNNI machines too, so it is set only where it is needed.
+u8 x s8 products in 16-bit lanes (VPMADDUBSW), which saturate with 8-bit weights; such an
+INT8 model drifts far from FP32 (mean embedding cosine 0.93 instead of 0.997). Two cures:
+- ``cmn-export quantize`` rounds the GEMMs' weights to 7 bits by GPTQ (``export/gptq.py``),
+  so no pair can saturate: the bundled INT8 file is exact on every path, at U8S8 speed;
+- for other INT8 files (8-bit weights), onnxruntime's session option
+  ``session.x64quantprecision`` rewrites the s8 weights to u8 at load time, an exact change
+  at about half the speed. onnxruntime applies it on VNNI machines too, so it is set only
+  where it is needed (``cmn_edge.embedder.open_session``).
 ARM64 kernels (SDOT/UDOT, or widening multiplies) never saturate.
 
 Flags come from ``/proc/cpuinfo`` (Linux) or ``sysctl`` (macOS); no new dependency.
@@ -29,13 +32,13 @@ KERNEL_PATHS: dict[str, tuple[bool, str]] = {
     "x86-vnni": (True, "x86-64 with VNNI: U8S8 INT8 kernels are exact"),
     "x86-avx2": (
         True,
-        "x86-64 with AVX2, no VNNI: U8S8 would saturate, so INT8 runs with "
-        f"{X64_QUANT_PRECISION}=1 (exact U8U8)",
+        "x86-64 with AVX2, no VNNI: U8S8 saturates with 8-bit weights, so 7-bit-GEMM INT8 "
+        f"files run as they are and others with {X64_QUANT_PRECISION}=1 (exact U8U8)",
     ),
     "x86-sse": (
         True,
-        "x86-64 without AVX2: U8S8 would saturate, so INT8 runs with "
-        f"{X64_QUANT_PRECISION}=1 (exact U8U8)",
+        "x86-64 without AVX2: U8S8 saturates with 8-bit weights, so 7-bit-GEMM INT8 "
+        f"files run as they are and others with {X64_QUANT_PRECISION}=1 (exact U8U8)",
     ),
     "arm64-dot": (True, "ARM64 with dot product (SDOT/UDOT): INT8 kernels are exact"),
     "arm64": (True, "ARM64 without dot product: widening INT8 kernels, exact"),
@@ -75,12 +78,14 @@ class CpuInfo:
 
     @property
     def needs_u8u8(self) -> bool:
-        """U8S8 saturates here: load INT8 graphs with onnxruntime's exact U8U8 rewrite."""
+        """U8S8 saturates here with 8-bit weights: such INT8 graphs need onnxruntime's exact
+        U8U8 rewrite."""
         return self.kernel_path in ("x86-avx2", "x86-sse")
 
-    def session_config(self, precision: str) -> dict[str, str]:
-        """onnxruntime session config entries an INT8 model needs on this CPU."""
-        if precision == "int8" and self.needs_u8u8:
+    def session_config(self, saturating_int8: bool) -> dict[str, str]:
+        """onnxruntime session config entries a graph needs on this CPU: the U8U8 rewrite for
+        an INT8 graph whose 8-bit GEMM weights would saturate U8S8 here."""
+        if saturating_int8 and self.needs_u8u8:
             return {X64_QUANT_PRECISION: "1"}
         return {}
 
@@ -99,7 +104,7 @@ class CpuInfo:
             "flags_from": self.source,
             "kernel_path": self.kernel_path,
             "int8_exact": self.int8_is_exact,
-            "session_config": self.session_config("int8"),
+            "u8u8_rewrite_for_8bit_weights": self.needs_u8u8,
         }
 
 

@@ -12,7 +12,7 @@ import numpy as np
 import onnxruntime as ort
 
 from . import preprocess as pp
-from .cpu import this_cpu
+from .cpu import X64_QUANT_PRECISION, this_cpu
 from .dataset import is_image_file
 from .files import file_sha256
 from .metadata import (
@@ -60,11 +60,7 @@ class Embedder:
         self.threads = ThreadBudget.for_machine(threads, decode_workers)
         self.path = resolve_model_path(model, precision)
         try:
-            self.session = ort.InferenceSession(
-                str(self.path),
-                session_options(self.threads.inference, spin=False),
-                providers=["CPUExecutionProvider"],
-            )
+            self.session = open_session(self.path, self.threads.inference, spin=False)
         except Exception as exc:  # onnxruntime raises its own untyped errors
             reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise ModelError(f"{self.path}: not a loadable ONNX model ({reason})") from None
@@ -228,15 +224,15 @@ class Embedder:
         yield from self._stream([Path(p) for p in paths], batch_size, skip_errors, errors)
 
 
-def session_options(threads: int | None = None, spin: bool = True) -> ort.SessionOptions:
+def session_options(
+    threads: int | None = None, spin: bool = True, saturating_int8: bool = False
+) -> ort.SessionOptions:
     """The onnxruntime settings every session of a CMN model uses (``cmn-edge bench``,
-    ``cmn-export quantize`` and ``validate`` too): so INT8 is measured as it is run.
-
-    Where U8S8 saturates (x86-64 without VNNI) INT8 graphs load with onnxruntime's exact U8U8
-    rewrite; FP32 graphs have nothing for it to rewrite.
-    """
+    ``cmn-export quantize`` and ``validate`` too, through ``open_session``): so INT8 is
+    measured as it is run. ``saturating_int8``: the graph's 8-bit GEMM weights need the U8U8
+    rewrite where U8S8 saturates (``CpuInfo.session_config``)."""
     options = ort.SessionOptions()
-    for key, value in this_cpu().session_config("int8").items():
+    for key, value in this_cpu().session_config(saturating_int8).items():
         options.add_session_config_entry(key, value)
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if threads:
@@ -247,6 +243,47 @@ def session_options(threads: int | None = None, spin: bool = True) -> ort.Sessio
         # workers get the cores (a batch is long enough for the wake-up not to matter).
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return options
+
+
+def saturates_u8s8(props: dict[str, str]) -> bool:
+    """Whether a graph with these metadata properties is INT8 with 8-bit GEMM weights. A graph
+    without cmn-edge metadata might be: it is treated as such (the rewrite is exact)."""
+    try:
+        return ModelMetadata.from_props(props).saturates_u8s8
+    except MetadataError:
+        return True
+
+
+def open_session(
+    path: str | os.PathLike,
+    threads: int | None = None,
+    spin: bool = True,
+    profile_prefix: str | None = None,
+) -> ort.InferenceSession:
+    """A session of the graph at ``path`` as the runtime runs it. Where U8S8 saturates (x86-64
+    without VNNI) and the graph is INT8 with 8-bit GEMM weights (older or user-made files),
+    it is reopened with onnxruntime's exact U8U8 rewrite; 7-bit-GEMM INT8 files and FP32
+    graphs run as they are. Reading the metadata needs a session, hence the reopening."""
+
+    def build(saturating: bool) -> ort.InferenceSession:
+        options = session_options(threads, spin, saturating)
+        if profile_prefix:
+            options.enable_profiling = True
+            options.profile_file_prefix = profile_prefix
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+    session = build(False)
+    if this_cpu().needs_u8u8 and saturates_u8s8(session.get_modelmeta().custom_metadata_map):
+        session = build(True)
+    return session
+
+
+def u8u8_rewrite_on(session: ort.InferenceSession) -> bool:
+    """Whether ``session`` runs with the U8U8 rewrite (what ``models`` and ``bench`` print)."""
+    try:
+        return session.get_session_options().get_session_config_entry(X64_QUANT_PRECISION) == "1"
+    except RuntimeError:  # onnxruntime's answer for an entry that was never set
+        return False
 
 
 def list_images(folder: str | os.PathLike) -> list[Path]:

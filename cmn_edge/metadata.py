@@ -78,6 +78,16 @@ class ModelMetadata:
     group_dim: int = 0
     format_version: int = FORMAT_VERSION
 
+    @property
+    def saturates_u8s8(self) -> bool:
+        """INT8 with 8-bit GEMM weights: U8S8 kernels without VNNI saturate on it (an INT8 file
+        from ``cmn-export quantize`` has 7-bit GEMM weights unless asked otherwise; files
+        written before that record nothing and are 8-bit)."""
+        if self.precision != "int8":
+            return False
+        q = self.quantization
+        return not (q.get("reduce_range") or q.get("gemm_weight_bits", 8) <= 7)
+
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
 

@@ -14,8 +14,9 @@ import numpy as np
 import onnxruntime as ort
 
 from cmn_edge import preprocess as pp
+from cmn_edge.cpu import X64_QUANT_PRECISION
 from cmn_edge.dataset import DatasetError, Sample, check_retrieval_ready, load_samples
-from cmn_edge.embedder import Embedder
+from cmn_edge.embedder import Embedder, u8u8_rewrite_on
 from cmn_edge.files import write_text_atomic
 from cmn_edge.metadata import OUTPUT_ATTENTION, OUTPUT_EMBEDDING, OUTPUT_SCORES
 from cmn_edge.metrics import retrieval_metrics
@@ -171,6 +172,9 @@ def validate(
             np.abs(np.linalg.norm(e8, axis=1) - 1).max()
         )
         result["quantization"] = quant.metadata.quantization
+        result["int8_session_config"] = (
+            {X64_QUANT_PRECISION: "1"} if u8u8_rewrite_on(quant.session) else {}
+        )
 
     assert first is not None
     big = np.concatenate([first] * (-(-32 // len(first))))[:32]
@@ -225,10 +229,11 @@ def table(result: dict[str, Any]) -> str:
             f"same nearest neighbour {f['nearest_neighbour_agreement']:.1f}%"
         )
     cpu = result["cpu"]
-    config = ", ".join(f"{k}={v}" for k, v in cpu["session_config"].items()) or "none"
+    config = result.get("int8_session_config")
+    config = ", ".join(f"{k}={v}" for k, v in (config or {}).items()) or "none"
     lines.append(
         f"measured on: {cpu['model'] or cpu['machine']} [{', '.join(cpu['flags'])}], "
-        f"INT8 kernel path {cpu['kernel_path']}, session config {config}"
+        f"INT8 kernel path {cpu['kernel_path']}, INT8 session config {config}"
     )
     lines.append(f"report: {result['report']}")
     return "\n".join(lines)

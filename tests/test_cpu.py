@@ -16,7 +16,7 @@ onnx = pytest.importorskip("onnx")
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
 from cmn_edge.cpu import KERNEL_PATHS, X64_QUANT_PRECISION, detect, this_cpu  # noqa: E402
-from cmn_edge.embedder import session_options  # noqa: E402
+from cmn_edge.embedder import open_session, session_options, u8u8_rewrite_on  # noqa: E402
 from cmn_edge.registry import choose_precision  # noqa: E402
 
 K = 64
@@ -47,8 +47,8 @@ def test_kernel_path_from_flags(text, machine, path, config, monkeypatch) -> Non
     monkeypatch.delenv("CMN_EDGE_CPU_FLAGS", raising=False)
     cpu = detect(text, machine)
     assert cpu.kernel_path == path
-    assert cpu.session_config("int8") == config
-    assert cpu.session_config("fp32") == {}
+    assert cpu.session_config(saturating_int8=True) == config
+    assert cpu.session_config(saturating_int8=False) == {}
     assert path in cpu.describe()
 
 
@@ -116,14 +116,22 @@ def _plain() -> ort.SessionOptions:
     return options
 
 
-def test_runtime_int8_is_exact_on_this_cpu() -> None:
-    """What the runtime runs: exact integer results on this machine, whatever its ISA."""
+def test_runtime_int8_is_exact_on_this_cpu(tmp_path) -> None:
+    """What the runtime runs: exact integer results on this machine, whatever its ISA. The
+    probes have 8-bit weights and no cmn-edge metadata, so ``open_session`` must treat them
+    as saturating (the bundled file's 7-bit weights are ``tests/test_gptq.py``'s)."""
     a = np.full((4, K), 255, np.uint8)
-    assert (_run(_matmul_integer(), session_options(), {"a": a}) == EXACT).all()
+    saturating = session_options(saturating_int8=True)
+    assert (_run(_matmul_integer(), saturating, {"a": a}) == EXACT).all()
     x = np.full((1, K, 4, 4), 255.0, np.float32)
-    conv = _run(_qdq_conv(), session_options(), {"x": x})
+    conv = _run(_qdq_conv(), saturating, {"x": x})
     # QLinearConv requantizes to u8 with scale 10000: exact 2072640 -> 207, saturated -> 105
     assert np.allclose(conv, round(EXACT / 10000) * 10000)
+    probe = tmp_path / "probe.onnx"
+    probe.write_bytes(_qdq_conv())
+    session = open_session(probe)
+    assert u8u8_rewrite_on(session) == this_cpu().needs_u8u8
+    assert np.allclose(session.run(None, {"x": x})[0], round(EXACT / 10000) * 10000)
 
 
 def test_flags_predict_what_the_kernels_do() -> None:
