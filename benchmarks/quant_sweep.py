@@ -9,7 +9,8 @@ then batch-1 / batch-32 speed against FP32 timed in interleaved rounds:
 
     python benchmarks/quant_sweep.py ../shared/datasets/cub100 ../shared/datasets/caltech97
 
-Levers: U8S8 (the shipped recipe), U8U8 (uint8 weights), S8S8, 7-bit weights
+Levers: U8S8 with 7-bit GEMM weights by GPTQ (the shipped recipe, ``export/gptq.py``), U8S8
+with 8-bit weights, U8U8 (uint8 weights), S8S8, onnxruntime's naive 7-bit weights
 (``reduce_range``), each loaded plain and with onnxruntime's ``session.x64quantprecision``.
 State the CPU class (printed first) beside any figure you quote.
 """
@@ -38,10 +39,11 @@ from cmn_export.onnx_export import read_metadata  # noqa: E402
 from cmn_export.quantize import QuantizeOptions, quantize  # noqa: E402
 
 RECIPES = {
-    "u8s8": QuantizeOptions(method="percentile"),
+    "u8s8-gptq7": QuantizeOptions(method="percentile"),  # the default: 7-bit GEMMs by GPTQ
+    "u8s8": QuantizeOptions(method="percentile", gemm_weight_bits=8),
     "u8u8": QuantizeOptions(method="percentile", weight_type="uint8"),
-    "s8s8": QuantizeOptions(method="percentile", activation_type="int8"),
-    "u8s8-7bit": QuantizeOptions(method="percentile", reduce_range=True),
+    "s8s8": QuantizeOptions(method="percentile", activation_type="int8", gemm_weight_bits=8),
+    "u8s8-7bit": QuantizeOptions(method="percentile", reduce_range=True, gemm_weight_bits=8),
 }
 
 

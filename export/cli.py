@@ -286,7 +286,16 @@ def regions_command(model, out, grid) -> None:
     "--weight-type", type=click.Choice(["int8", "uint8"]), default="int8", show_default=True
 )
 @click.option("--per-channel/--per-tensor", default=True, show_default=True)
-@click.option("--reduce-range", is_flag=True, help="7-bit weights (CPUs without VNNI).")
+@click.option(
+    "--reduce-range", is_flag=True, help="onnxruntime's 7-bit weights, naively rounded, everywhere."
+)
+@click.option(
+    "--gemm-weight-bits",
+    type=click.Choice(["7", "8"]),
+    default=None,
+    help="GEMM weights: 7 (GPTQ-rounded, exact on every CPU, the default for QDQ int8) or 8 "
+    "(needs a slow exact rewrite on x86 without VNNI).",
+)
 @click.option("--quantize-head", is_flag=True, help="Quantize the whole concept head too.")
 @click.option(
     "--quantize-head-matmuls",
@@ -320,6 +329,7 @@ def quantize_command(
     weight_type,
     per_channel,
     reduce_range,
+    gemm_weight_bits,
     quantize_head,
     quantize_head_matmuls,
     quantize_head_projections,
@@ -339,6 +349,7 @@ def quantize_command(
         weight_type=weight_type,
         per_channel=per_channel,
         reduce_range=reduce_range,
+        gemm_weight_bits=int(gemm_weight_bits) if gemm_weight_bits else None,
         float_head=not quantize_head,
         head_op_types=("MatMul",) if quantize_head_matmuls else (),
         head_projections=quantize_head_projections,

@@ -40,6 +40,7 @@ from cmn_edge.embedder import session_options
 from cmn_edge.metadata import INPUT_NAME, OUTPUT_EMBEDDING, ModelMetadata
 
 from .calibration import ImageCalibrationReader, images_digest, pick_images
+from .gptq import requantize_gemms
 from .onnx_export import read_metadata, write_metadata
 from .regions import NODE_PREFIX as REGION_NODE_PREFIX
 
@@ -95,7 +96,18 @@ class QuantizeOptions:
     activation_type: str = "uint8"  # uint8 (U8S8 with int8 weights) | int8 (S8S8)
     weight_type: str = "int8"
     per_channel: bool = True
-    reduce_range: bool = False  # 7-bit weights; helps CPUs without VNNI
+    reduce_range: bool = False  # onnxruntime's 7-bit weights (rounded naively, depthwise too)
+    #: 7: the GEMMs' weights are GPTQ-rounded to [-64, 64] (``export/gptq.py``), so U8S8
+    #: kernels without VNNI cannot saturate and need no slow U8U8 rewrite; 8: as quantized;
+    #: None: 7 where it applies (QDQ with int8 weights), else 8
+    gemm_weight_bits: int | None = None
+
+    @property
+    def gemm_bits(self) -> int:
+        if self.gemm_weight_bits is not None:
+            return self.gemm_weight_bits
+        return 7 if (self.quant_format, self.weight_type) == ("qdq", "int8") else 8
+
     float_head: bool = True  # keep every node after the backbone's feature map in float
     #: op types quantized inside the head even with float_head (e.g. "MatMul": the head's
     #: projections are most of its weights and MACs; LayerNorm/Softmax stay float regardless)
@@ -118,6 +130,10 @@ class QuantizeOptions:
         for name, (value, allowed) in choices.items():
             if value not in allowed:
                 raise ValueError(f"{name} '{value}' is not one of {', '.join(allowed)}")
+        if self.gemm_bits not in (7, 8):
+            raise ValueError(f"gemm_weight_bits {self.gemm_weight_bits} is not 7 or 8")
+        if self.gemm_bits == 7 and (self.quant_format, self.weight_type) != ("qdq", "int8"):
+            raise ValueError("7-bit GEMM weights need the QDQ format with int8 weights")
 
 
 @dataclass
@@ -281,7 +297,9 @@ def _quantize_once(
     method: str,
     options: QuantizeOptions,
     plan: FloatPlan,
-) -> None:
+) -> dict:
+    """quantize_static, then the GEMMs' 7-bit GPTQ weights if asked; returns the latter's
+    record."""
     reader.rewind()
     extra: dict[str, Any] = {"CalibStridedMinMax": _stride(len(reader))}
     if method == "percentile":
@@ -303,12 +321,22 @@ def _quantize_once(
             calibrate_method=METHODS[method],
             extra_options=extra,
         )
+    if options.gemm_bits == 7:
+        quantized = onnx.load(str(out))
+        batches = (reader.batch(i) for i in range(len(reader)))
+        record = requantize_gemms(quantized, onnx.load(str(pre)), batches)
+        onnx.save(quantized, str(out))
+        return record
+    return {"gemm_weight_bits": 8}
 
 
-def _session(path: Path, threads: int | None) -> ort.InferenceSession:
-    """As the runtime loads it, so the check measures what users get on this CPU."""
+def _session(path: Path, threads: int | None, saturating: bool) -> ort.InferenceSession:
+    """As the runtime loads it, so the check measures what users get on this CPU (the
+    metadata, which says whether the GEMM weights saturate U8S8, is written later)."""
     return ort.InferenceSession(
-        str(path), session_options(threads), providers=["CPUExecutionProvider"]
+        str(path),
+        session_options(threads, saturating_int8=saturating),
+        providers=["CPUExecutionProvider"],
     )
 
 
@@ -380,21 +408,23 @@ def quantize(
         pre_model = onnx.load(str(pre))
         plan = float_plan(pre_model, options)
         onnx.save(pre_model, str(pre))  # node names filled in where missing
-        fp32_session = _session(fp32_path, threads) if check_batches else None
+        fp32_session = _session(fp32_path, threads, False) if check_batches else None
+        saturating = options.gemm_bits == 8 and not options.reduce_range
         tried: dict[str, dict[str, float]] = {}
-        best: tuple[float, str, Path] | None = None
+        best: tuple[float, str, Path, dict] | None = None
         for method in methods:
             candidate = Path(tmp) / f"{method}.onnx"
-            _quantize_once(pre, candidate, reader, method, options, plan)
+            gemms = _quantize_once(pre, candidate, reader, method, options, plan)
             score = 0.0
             if check_batches:
-                cos = embedding_cosines(fp32_session, _session(candidate, threads), check_batches)
+                session = _session(candidate, threads, saturating)
+                cos = embedding_cosines(fp32_session, session, check_batches)
                 tried[method] = {"mean_cosine": float(cos.mean()), "min_cosine": float(cos.min())}
                 score = float(cos.mean())
             if best is None or score > best[0]:
-                best = (score, method, candidate)
+                best = (score, method, candidate, gemms)
         assert best is not None
-        _, method, chosen = best
+        _, method, chosen, gemms = best
         quantized = onnx.load(str(chosen))
         floats = float_compute_nodes(quantized)
         record = {
@@ -404,6 +434,7 @@ def quantize(
             "weight_type": options.weight_type,
             "per_channel": options.per_channel,
             "reduce_range": options.reduce_range,
+            **gemms,
             "calibration": {
                 "data": ", ".join(str(r) for r in roots),
                 "split": split,
@@ -457,6 +488,12 @@ def summary(result: QuantizeResult) -> str:
         "nodes",
         "float compute nodes: "
         + ", ".join(f"{k} x{len(v)}" for k, v in sorted(q["float_compute_nodes"].items())),
+        f"GEMM weights: {q.get('gemm_weight_bits', 8)}-bit"
+        + (
+            f" (GPTQ, {q['gemms_requantized']} GEMMs; U8S8 cannot saturate on any CPU)"
+            if q.get("gemm_weight_bits") == 7
+            else " (U8S8 saturates on x86 without VNNI: loaded there with the U8U8 rewrite)"
+        ),
     ]
     for method, scores in result.tried.items():
         mark = " (kept)" if method == calib["method"] else ""
