@@ -26,7 +26,7 @@ import onnxruntime as ort
 
 from . import preprocess as pp
 from .cpu import this_cpu
-from .embedder import Embedder, session_options
+from .embedder import Embedder, open_session, u8u8_rewrite_on
 from .metadata import INPUT_NAME, OUTPUT_EMBEDDING, Preprocess
 from .registry import choose_precision, example_photo
 
@@ -65,23 +65,36 @@ def random_batch(batch_size: int, input_size: int, seed: int = 0) -> np.ndarray:
     return rng.uniform(-1.0, 1.0, size=shape).astype(np.float32)
 
 
-def time_model(
-    session: ort.InferenceSession,
+def time_models(
+    sessions: dict[str, ort.InferenceSession],
     batch_size: int,
     input_size: int,
     repeats: int,
     warmup: int = 2,
-) -> dict[str, float]:
-    """Latency of one ``session.run`` on a batch, and what it means per image."""
-    batch = random_batch(batch_size, input_size)
-    feed = {INPUT_NAME: batch}
-    times = time_calls(lambda: session.run([OUTPUT_EMBEDDING], feed), repeats, warmup)
-    stats = summarise(times)
-    stats["batch"] = batch_size
-    stats["per_image_p50_ms"] = stats["p50_ms"] / batch_size
-    stats["per_image_p90_ms"] = stats["p90_ms"] / batch_size
-    stats["img_per_s"] = 1000.0 * batch_size / stats["p50_ms"]
-    return stats
+) -> dict[str, dict[str, float]]:
+    """Latency of one ``session.run`` on a batch for each session, and what it means per
+    image, timed in alternating rounds (one run of each per round): a shared or throttled
+    machine's drift then slows them alike, so their ratio holds where back-to-back timings
+    would not (two back-to-back INT8 benches here: 8.7 and 11.8 ms at batch 1)."""
+    feed = {INPUT_NAME: random_batch(batch_size, input_size)}
+    for session in sessions.values():
+        for _ in range(max(0, warmup)):
+            session.run([OUTPUT_EMBEDDING], feed)
+    seconds: dict[str, list[float]] = {name: [] for name in sessions}
+    for _ in range(max(1, repeats)):
+        for name, session in sessions.items():
+            start = time.perf_counter()
+            session.run([OUTPUT_EMBEDDING], feed)
+            seconds[name].append(time.perf_counter() - start)
+    out = {}
+    for name, times in seconds.items():
+        stats = summarise(times)
+        stats["batch"] = batch_size
+        stats["per_image_p50_ms"] = stats["p50_ms"] / batch_size
+        stats["per_image_p90_ms"] = stats["p90_ms"] / batch_size
+        stats["img_per_s"] = 1000.0 * batch_size / stats["p50_ms"]
+        out[name] = stats
+    return out
 
 
 def head_share(
@@ -91,11 +104,8 @@ def head_share(
 
     None when the graph names no ``/backbone/`` node (a model exported by other means).
     """
-    options = session_options(threads)
-    options.enable_profiling = True
     with tempfile.TemporaryDirectory(prefix="cmn-bench-") as tmp:
-        options.profile_file_prefix = str(Path(tmp) / "profile")
-        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        session = open_session(path, threads, profile_prefix=str(Path(tmp) / "profile"))
         feed = {INPUT_NAME: random_batch(1, input_size)}
         for _ in range(max(1, runs) + 1):
             session.run([OUTPUT_EMBEDDING], feed)
@@ -246,21 +256,32 @@ def run_bench(
         "onnxruntime": ort.__version__,
         "precisions": {},
     }
+    embedders: dict[str, Embedder] = {}
+    for precision in precisions:
+        say(f"{precision}: loading")
+        start = time.perf_counter()
+        embedder = Embedder(model, precision=precision, threads=threads)
+        load_s = time.perf_counter() - start
+        embedders[precision] = embedder
+        result["model"] = embedder.metadata.name
+        result["precisions"][precision] = {
+            "path": str(embedder.path),
+            "load_ms": load_s * 1000.0,
+            "int8_kernels": int8_kernels(embedder),
+            "batches": {},
+        }
+    size = next(iter(embedders.values())).preprocess.input_size
+    for batch in batches:
+        say(f"batch {batch}: {', '.join(precisions)} in alternating rounds")
+        runs = repeats if batch <= 8 else max(3, repeats // 4)
+        sessions = {p: e.session for p, e in embedders.items()}
+        for precision, stats in time_models(sessions, batch, size, runs).items():
+            result["precisions"][precision]["batches"][str(batch)] = stats
     with tempfile.TemporaryDirectory(prefix="cmn-bench-") as tmp:
         say("making a 12 MP JPEG")
         large = make_large_jpeg(photo, Path(tmp) / "large-12mp.jpg")
-        for precision in precisions:
-            say(f"{precision}: loading")
-            start = time.perf_counter()
-            embedder = Embedder(model, precision=precision, threads=threads)
-            load_s = time.perf_counter() - start
-            result["model"] = embedder.metadata.name
-            size = embedder.preprocess.input_size
-            entry: dict = {"path": str(embedder.path), "load_ms": load_s * 1000.0, "batches": {}}
-            for batch in batches:
-                say(f"{precision}: batch {batch}")
-                runs = repeats if batch <= 8 else max(3, repeats // 4)
-                entry["batches"][str(batch)] = time_model(embedder.session, batch, size, runs)
+        for precision, embedder in embedders.items():
+            entry = result["precisions"][precision]
             say(f"{precision}: head share")
             entry["head_share"] = head_share(embedder.path, threads, size)
             say(f"{precision}: decode")
@@ -270,11 +291,21 @@ def run_bench(
             entry["end_to_end"] = time_end_to_end(embedder, photo, repeats)
             say(f"{precision}: cold start")
             entry["cold_start"] = cold_start(photo, model, precision, threads, cold_repeats)
-            result["precisions"][precision] = entry
-            del embedder
+    del embedders
     result["peak_rss_mib"] = peak_rss_mib()
     result["speedup"] = _speedups(result["precisions"])
     return result
+
+
+def int8_kernels(embedder: Embedder) -> str | None:
+    """How this CPU runs the loaded INT8 graph: plain U8S8 kernels, or onnxruntime's U8U8
+    rewrite (an INT8 file with 8-bit GEMM weights, where U8S8 would saturate)."""
+    if embedder.metadata.precision != "int8":
+        return None
+    if u8u8_rewrite_on(embedder.session):
+        return "U8U8 rewrite (8-bit GEMM weights would saturate U8S8 here)"
+    bits = embedder.metadata.quantization.get("gemm_weight_bits", 8)
+    return f"as quantized ({bits}-bit GEMM weights, {embedder.cpu.kernel_path})"
 
 
 def _speedups(entries: dict) -> dict[str, float]:
@@ -388,4 +419,7 @@ def format_table(result: dict) -> str:
     lines.append(f"CPU: {result['cpu'].get('describe', '?')}")
     if result.get("precision_auto"):
         lines.append(f"--precision auto (the default) loads {result['precision_auto']} here")
+    for precision, entry in result["precisions"].items():
+        if entry.get("int8_kernels"):
+            lines.append(f"{precision.upper()} runs {entry['int8_kernels']}")
     return "\n".join(lines)
