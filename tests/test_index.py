@@ -619,3 +619,26 @@ def test_excluding_and_renormalised_masks_have_their_own_depth_exponent(tmp_path
     conn.close()
     old = ConceptIndex.load(path)
     assert (old.mask_ef_power, old.renorm_ef_power) == (1.25, 1.25)
+
+
+def test_renormalised_scoring_leaves_the_stored_vectors_alone(tmp_path, gallery, queries):
+    # the re-rank squares its gathered copy of the candidates in place: it must be a copy,
+    # on every path (graph, where-subset, exact), in memory and memory-mapped from disk
+    idx = ConceptIndex(DIM, "m@1", exact_below=0, graph_dims=16)
+    idx.add(gallery[:2000], num_threads=1)
+    loaded = ConceptIndex.load(idx.save(tmp_path / "renorm"))
+    loaded.add(gallery[2000:2200])  # a tail in RAM beside the memory-mapped rows
+    controls = MASKS["renormalize 50%"]
+    w = weight_vector(controls)
+    for index in (idx, loaded):
+        rows = np.arange(len(index._rows))
+        before = index._rows.gather(rows)
+        for q in queries[:5]:
+            ids, scores = index.search_ids(q, 10, **controls)
+            index.search_ids(q, 10, where={}, exact=True, **controls)
+            exact_ids, exact_scores = index.search_ids(q, 10, exact=True, **controls)
+            ref_ids, ref_scores = brute(gallery[: len(index)], q, 10, w, renormalize=True)
+            assert exact_ids.tolist() == ref_ids.tolist()
+            np.testing.assert_allclose(exact_scores, ref_scores, rtol=1e-5, atol=1e-6)
+            assert len(set(ids.tolist()) & set(exact_ids.tolist())) >= 8
+        assert np.array_equal(index._rows.gather(rows), before)
