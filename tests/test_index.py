@@ -622,8 +622,8 @@ def test_excluding_and_renormalised_masks_have_their_own_depth_exponent(tmp_path
 
 
 def test_renormalised_scoring_leaves_the_stored_vectors_alone(tmp_path, gallery, queries):
-    # the re-rank squares its gathered copy of the candidates in place: it must be a copy,
-    # on every path (graph, where-subset, exact), in memory and memory-mapped from disk
+    # masked cosine on every path (graph, where-subset, exact), in memory and memory-mapped
+    # from disk with a tail in RAM: exact against brute force, and nothing written back
     idx = ConceptIndex(DIM, "m@1", exact_below=0, graph_dims=16)
     idx.add(gallery[:2000], num_threads=1)
     loaded = ConceptIndex.load(idx.save(tmp_path / "renorm"))

@@ -51,12 +51,9 @@ class Projection:
     def to_graph(self, vectors: np.ndarray) -> np.ndarray:
         return np.ascontiguousarray(vectors @ self.matrix.T, dtype=np.float32)
 
-    def capture(self, v: np.ndarray, projected: np.ndarray | None = None) -> float:
-        """Share of ``v``'s norm the graph's directions keep (``projected``: ``matrix @ v``,
-        when the caller has it already)."""
-        if projected is None:
-            projected = self.matrix @ v
-        return float(np.linalg.norm(projected)) / (float(np.linalg.norm(v)) + 1e-30)
+    def capture(self, v: np.ndarray) -> float:
+        """Share of ``v``'s norm the graph's directions keep."""
+        return float(np.linalg.norm(self.matrix @ v)) / (float(np.linalg.norm(v)) + 1e-30)
 
     def typical_capture(self, w: np.ndarray | None) -> float:
         """Root-mean-square share of a gallery item ``g * w`` the projection keeps."""

@@ -91,12 +91,11 @@ class SearchMixin:
         filt = subset.__contains__ if subset is not None else None
         drop = exclude_ids if subset is None else set()
         limit = len(subset) if subset is not None else in_graph
-        qg = self._graph_query(qh)
-        ef = self._query_ef(q, qh, k, plan, qg) + len(drop)
+        ef = self._query_ef(q, qh, k, plan) + len(drop)
         try:
             if plan.renormalize:
-                return self._renormalized_unlocked(q, qg, k, plan, limit, ef, subset, drop)
-            labels = self._graph.knn(qg, min(ef, limit), filt)
+                return self._renormalized_unlocked(q, qh, k, plan, limit, ef, subset, drop)
+            labels = self._knn(qh, min(ef, limit), filt)
             return self._exact_unlocked(q, k, plan, self._candidate_rows(labels, drop))
         except RuntimeError:  # the graph walk found fewer than asked: brute force instead
             if subset is not None:
@@ -104,9 +103,7 @@ class SearchMixin:
                 return self._exact_unlocked(q, k, plan, self._id_rows[ids])
             return self._exact_unlocked(q, k, plan, None, exclude_ids)
 
-    def _query_ef(
-        self, q: np.ndarray, qh: np.ndarray, k: int, plan: Plan, qg: np.ndarray | None = None
-    ) -> int:
+    def _query_ef(self, q: np.ndarray, qh: np.ndarray, k: int, plan: Plan) -> int:
         """Search depth: the base ef, deepened by how much of the query the graph cannot see.
 
         A mask turns the query away from the data the graph was built on (``cos(q, q*w)``,
@@ -127,15 +124,13 @@ class SearchMixin:
             w = None
             if plan.weights is not None:
                 w = plan.weights * plan.weights if plan.renormalize else plan.weights
-            if qg is None:
-                qg = self._graph_query(qh)
-            seen = self._projection.capture(qh, qg) / self._projection.typical_capture(w)
+            seen = self._projection.capture(qh) / self._projection.typical_capture(w)
             ef /= max(min(seen, 1.0), 1e-3) ** 4
         return int(min(max(math.ceil(ef), k), max(self.max_ef, k)))
 
-    def _graph_query(self, qh: np.ndarray) -> np.ndarray:
-        """The query in the graph's space; computed once a search (the depth needs it too)."""
-        return qh if self._projection is None else self._projection.matrix @ qh
+    def _knn(self, qh: np.ndarray, fetch: int, filt) -> np.ndarray:
+        qg = qh if self._projection is None else self._projection.matrix @ qh
+        return self._graph.knn(qg, fetch, filt)
 
     def _candidate_rows(self, labels: np.ndarray, drop: set[int]) -> np.ndarray:
         if drop:
@@ -145,7 +140,7 @@ class SearchMixin:
     def _renormalized_unlocked(
         self,
         q: np.ndarray,
-        qg: np.ndarray,
+        qh: np.ndarray,
         k: int,
         plan: Plan,
         limit: int,
@@ -170,12 +165,12 @@ class SearchMixin:
                     return self._exact_unlocked(q, k, plan, None, drop)
                 ids = np.fromiter(subset, dtype=np.int64, count=len(subset))
                 return self._exact_unlocked(q, k, plan, self._id_rows[ids])
-            labels = self._graph.knn(qg, fetch, filt)
+            labels = self._knn(qh, fetch, filt)
             rows = self._candidate_rows(labels, drop)
             rows = rows[rows >= 0]
             # one gather of the candidates serves both orders: the masked cosine and, since
             # the query side of that cosine is qh / ||q*w||, the masked inner product
-            scores, ip = self._renormalized_scores(q, plan, self._rows.gather(rows), own=True)
+            scores, ip = self._renormalized_scores(q, plan, self._rows.gather(rows))
             top = self._top_k(scores, self._row_ids[rows], k)
             rank = np.empty(len(ip), dtype=np.int64)
             rank[np.argsort(-ip, kind="stable")] = np.arange(len(ip))
@@ -209,13 +204,11 @@ class SearchMixin:
                 break
         return math.sqrt(max(total, 0.0))
 
-    def _score_block(
-        self, q: np.ndarray, plan: Plan, block: np.ndarray, own: bool = False
-    ) -> np.ndarray:
+    def _score_block(self, q: np.ndarray, plan: Plan, block: np.ndarray) -> np.ndarray:
         if plan.weights is None:
             return block @ q
         if plan.renormalize:
-            return self._renormalized_scores(q, plan, block, own)[0]
+            return self._renormalized_scores(q, plan, block)[0]
         return block @ (q * plan.weights)
 
     def _scores(self, q: np.ndarray, plan: Plan, rows: np.ndarray | None) -> np.ndarray:
@@ -223,10 +216,10 @@ class SearchMixin:
         chunks so a large gallery needs little extra memory."""
         if rows is not None:
             if len(rows) <= CHUNK:
-                return self._score_block(q, plan, self._rows.gather(rows), own=True)
+                return self._score_block(q, plan, self._rows.gather(rows))
             return np.concatenate(
                 [
-                    self._score_block(q, plan, self._rows.gather(rows[s : s + CHUNK]), own=True)
+                    self._score_block(q, plan, self._rows.gather(rows[s : s + CHUNK]))
                     for s in range(0, len(rows), CHUNK)
                 ]
             )
@@ -238,19 +231,15 @@ class SearchMixin:
 
     @staticmethod
     def _renormalized_scores(
-        q: np.ndarray, plan: Plan, vectors: np.ndarray, own: bool = False
+        q: np.ndarray, plan: Plan, vectors: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray]:
         """(masked cosine, masked inner product / ||q*w||) of ``vectors``: one computation
-        for the exact search and the re-rank, so both give the very same floats.
-        ``own``: ``vectors`` is a scratch copy that may be overwritten."""
+        for the exact search and the re-rank, so both give the very same floats."""
         w = plan.weights
         qv = q * w
         qv = (qv / np.float32(np.linalg.norm(qv))) * w
         ip = vectors @ qv
-        # squared in place when the rows are a gathered copy: a second [n, C] temporary
-        # costs as much as the product (fresh pages)
-        squares = np.square(vectors, out=vectors) if own else vectors * vectors
-        norms = np.sqrt(squares @ (w * w))
+        norms = np.sqrt((vectors * vectors) @ (w * w))
         return np.divide(ip, norms, out=np.zeros_like(ip), where=norms > 0), ip
 
     def _exact_unlocked(
