@@ -14,9 +14,8 @@ import numpy as np
 import onnxruntime as ort
 
 from cmn_edge import preprocess as pp
-from cmn_edge.cpu import X64_QUANT_PRECISION
 from cmn_edge.dataset import DatasetError, Sample, check_retrieval_ready, load_samples
-from cmn_edge.embedder import Embedder, u8u8_rewrite_on
+from cmn_edge.embedder import Embedder
 from cmn_edge.files import write_text_atomic
 from cmn_edge.metadata import OUTPUT_ATTENTION, OUTPUT_EMBEDDING, OUTPUT_SCORES
 from cmn_edge.metrics import retrieval_metrics
@@ -172,9 +171,7 @@ def validate(
             np.abs(np.linalg.norm(e8, axis=1) - 1).max()
         )
         result["quantization"] = quant.metadata.quantization
-        result["int8_session_config"] = (
-            {X64_QUANT_PRECISION: "1"} if u8u8_rewrite_on(quant.session) else {}
-        )
+        result["int8_session_config"] = quant.cpu.session_config(quant.metadata.saturates_u8s8)
 
     assert first is not None
     big = np.concatenate([first] * (-(-32 // len(first))))[:32]
