@@ -11,6 +11,7 @@ and INT8 graphs alike, whatever onnxruntime fused.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import resource
@@ -71,21 +72,32 @@ def time_models(
     input_size: int,
     repeats: int,
     warmup: int = 2,
+    rounds: int = 4,
+    settle_s: float = 0.15,
 ) -> dict[str, dict[str, float]]:
     """Latency of one ``session.run`` on a batch for each session, and what it means per
-    image, timed in alternating rounds (one run of each per round): a shared or throttled
-    machine's drift then slows them alike, so their ratio holds where back-to-back timings
-    would not (two back-to-back INT8 benches here: 8.7 and 11.8 ms at batch 1)."""
+    image. The sessions take turns in ``rounds`` blocks, so a shared or throttled machine's
+    drift slows them alike (two back-to-back INT8 benches here: 8.7 and 11.8 ms at batch 1).
+
+    Each block first runs untimed for ``settle_s``: right after another session has run, a
+    session's runs are up to twice as slow for about 50 ms (measured at batch 1 on a 2-core
+    VNNI Xeon; the other pool's threads are still spinning). Timing one run of each in turn
+    made FP32 look 9-11 ms instead of 5 and INT8's speed-up 2.2-2.4x instead of 1.7x."""
     feed = {INPUT_NAME: random_batch(batch_size, input_size)}
     for session in sessions.values():
         for _ in range(max(0, warmup)):
             session.run([OUTPUT_EMBEDDING], feed)
+    repeats, rounds = max(1, repeats), max(1, min(rounds, repeats))
+    per_round = [repeats // rounds + (i < repeats % rounds) for i in range(rounds)]
     seconds: dict[str, list[float]] = {name: [] for name in sessions}
-    for _ in range(max(1, repeats)):
+    for count in per_round:
         for name, session in sessions.items():
-            start = time.perf_counter()
-            session.run([OUTPUT_EMBEDDING], feed)
-            seconds[name].append(time.perf_counter() - start)
+            run = functools.partial(session.run, [OUTPUT_EMBEDDING], feed)
+            settle_until = time.perf_counter() + settle_s
+            run()
+            while time.perf_counter() < settle_until:
+                run()
+            seconds[name].extend(time_calls(run, count, warmup=0))
     out = {}
     for name, times in seconds.items():
         stats = summarise(times)

@@ -14,8 +14,9 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from cmn_edge.bench import LARGE_SIZE, head_share, make_large_jpeg
+from cmn_edge.bench import LARGE_SIZE, head_share, make_large_jpeg, time_models
 from cmn_edge.cli import main
+from cmn_edge.embedder import open_session
 from cmn_edge.registry import resolve_model_path
 
 FAST = ["--repeats", "1", "--cold-repeats", "1"]
@@ -123,3 +124,30 @@ def test_head_share_is_a_fraction_for_both_precisions() -> None:
     for precision in ("fp32", "int8"):
         share = head_share(resolve_model_path(None, precision), threads=1, input_size=224, runs=2)
         assert share is not None and 0.0 < share < 1.0
+
+
+class _RecordingSession:
+    """A real session that notes, in a shared log, whose run came when."""
+
+    def __init__(self, name: str, log: list[str]) -> None:
+        self._session = open_session(resolve_model_path(None, "int8"))
+        self._name, self._log = name, log
+
+    def run(self, outputs, feed):
+        self._log.append(self._name)
+        return self._session.run(outputs, feed)
+
+
+def test_time_models_times_each_session_in_settled_blocks() -> None:
+    """Timing one run of each session in turn measured the other's spinning threads (FP32 at
+    batch 1 read 9-11 ms instead of 5), so the sessions take turns in blocks that start
+    with untimed runs; every requested run is still timed."""
+    log: list[str] = []
+    sessions = {"a": _RecordingSession("a", log), "b": _RecordingSession("b", log)}
+    stats = time_models(sessions, 1, 224, repeats=7, warmup=1, rounds=3, settle_s=0.0)
+    assert stats["a"]["runs"] == stats["b"]["runs"] == 7
+    turns = [name for i, name in enumerate(log) if i == 0 or log[i - 1] != name]
+    assert turns == ["a", "b", "a", "b", "a", "b", "a", "b"]  # warm-up, then three rounds
+    # Each block: one untimed settling run, then its share of the 7 timed runs (3, 2, 2).
+    assert log.count("a") == 1 + 3 + (3 + 2 + 2)
+    assert stats["a"]["per_image_p50_ms"] == stats["a"]["p50_ms"]
