@@ -153,8 +153,10 @@ class SearchMixin:
         Safe: either a bound proves no unfetched item can beat the k-th (its masked inner
         product is at most the last fetched one's, and its masked norm at least
         ``_min_masked_norm``; full-concept graphs only), or the current top k all rank in the
-        first half of the fetched list by exact masked inner product, so the tail that was
-        fetched added nothing and a deeper one is unlikely to.
+        first three quarters of the fetched list by exact masked inner product, so the tail
+        that was fetched added nothing and a deeper one is unlikely to. (The first half, as
+        this rule was, sent 10% of 50%-masked queries at 100k items on a second, twice as
+        deep walk for +0.0005 recall@10, and set p99 at 8 ms against 3-4.)
         """
         fetch = max(ef, self.overfetch * k)
         filt = subset.__contains__ if subset is not None else None
@@ -185,7 +187,7 @@ class SearchMixin:
             if (
                 not len(top)
                 or scores[top[-1]] >= bound
-                or deepest < len(rows) // 2
+                or deepest < len(rows) * 3 // 4
                 or fetch >= self.max_ef
             ):
                 return self._row_ids[rows][top], scores[top]
