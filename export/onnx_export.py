@@ -19,15 +19,29 @@ from .regions import DEFAULT_GRID, add_region_output
 OPSET = 17
 
 
+def feature_grid(model: BackboneModel, input_size: int) -> tuple[int, int]:
+    """The backbone's output grid at ``input_size``, measured rather than divided: a
+    'same'-padded network rounds up (240 px at stride 32 is 8 x 8, not 240 // 32 = 7)."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            device = next(model.parameters()).device
+            probe = torch.zeros(1, 3, input_size, input_size, device=device)
+            rows, cols = model.backbone(probe).shape[-2:]
+    finally:
+        model.train(was_training)
+    return int(rows), int(cols)
+
+
 def build_metadata(model: BackboneModel, name: str, **fields) -> ModelMetadata:
     """The runtime's metadata of ``model``, with its head's own fields (type, G, D)."""
     input_size = int(getattr(model, "input_size", 224))
-    grid = input_size // model.spec.stride
     return ModelMetadata(
         name=name,
         backbone=model.spec.name,
         num_concepts=model.num_concepts,
-        attention_grid=(grid, grid),
+        attention_grid=feature_grid(model, input_size),
         preprocess=model.spec.preprocess(input_size),
         **{**model.metadata_fields(), **fields},
     )

@@ -133,6 +133,26 @@ def test_onnx_export_matches_pytorch_with_a_dynamic_batch(small_model, tmp_path)
         assert attention.shape == (batch, 16, 3, 3)
 
 
+def test_an_input_size_off_the_stride_exports_its_real_grid(tmp_path):
+    """240 px (Lite1's native size) is 7.5 strides: 'same' padding makes an 8 x 8 grid, and
+    the metadata, the attention maps and DIML's regions must all say 8 x 8. 80 px is the
+    same case, small (2.5 strides, a 3 x 3 grid), and catches 80 // 32 = 2."""
+    torch.manual_seed(0)
+    model = CMN("tf_efficientnet_lite0", num_concepts=16, pretrained=False).eval()
+    model.input_size = 80
+    meta = build_metadata(model, "odd")
+    assert meta.attention_grid == (3, 3)
+    path = export_onnx(model, tmp_path / "odd.fp32.onnx", meta)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    x = torch.randn(2, 3, 80, 80, generator=torch.Generator().manual_seed(3))
+    embedding, _scores, attention, regions = session.run(None, {"images": x.numpy()})
+    with torch.no_grad():
+        reference = model.explain(x)
+    assert attention.shape == (2, 16, 3, 3)
+    assert regions.shape == (2, 9, 16)
+    assert np.abs(embedding - reference["embedding"].numpy()).max() < 1e-4
+
+
 def test_export_folds_same_padding_into_constants_and_leaves_the_model_alone(small_model, tmp_path):
     import onnx
     from timm.layers.conv2d_same import Conv2dSame
