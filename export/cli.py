@@ -54,7 +54,7 @@ def head_options(func):
 @click.option("--epochs", default=10, show_default=True)
 @click.option("--warmup-epochs", default=1, show_default=True, help="Backbone frozen.")
 @click.option("--batch-size", default=64, show_default=True)
-@click.option("--lr", default=4e-5, show_default=True, help="Backbone LR; head 10x, proxies 100x.")
+@click.option("--lr", default=5e-5, show_default=True, help="Backbone LR; head 10x, proxies 100x.")
 @click.option("--val-fraction", default=0.1, show_default=True, help="Train classes held out.")
 @click.option(
     "--select-metric",
@@ -65,7 +65,7 @@ def head_options(func):
 )
 @click.option(
     "--distill-weight",
-    default=0.0,
+    default=3.0,
     show_default=True,
     help="Keep each image's similarity order close to the pretrained backbone's (0: off).",
 )

@@ -112,8 +112,17 @@ def seed_everything(seed: int) -> None:
 
 
 @torch.no_grad()
-def embed_images(model: BackboneModel, data: D.LabelledSet, device: torch.device, workers: int = 0):
+def embed_images(
+    model: BackboneModel,
+    data: D.LabelledSet,
+    device: torch.device,
+    workers: int = 0,
+    pooled_backbone: bool = False,
+):
+    """Embeddings of ``data``; ``pooled_backbone``: the backbone's average-pooled features
+    instead (the anchor a trained model has to beat)."""
     preprocess = model.spec.preprocess(model.input_size)
+    net = model.backbone if pooled_backbone else model
     loader = DataLoader(
         D.ImageSet(data, D.eval_transform(preprocess)),
         batch_size=64,
@@ -121,7 +130,10 @@ def embed_images(model: BackboneModel, data: D.LabelledSet, device: torch.device
         pin_memory=device.type == "cuda",
     )
     model.eval()
-    out = [model(x.to(device)).cpu() for x, _ in tqdm(loader, desc="embedding", leave=False)]
+    out = []
+    for x, _ in tqdm(loader, desc="embedding", leave=False):
+        y = net(x.to(device))
+        out.append((y.mean(dim=(2, 3)) if pooled_backbone else y).cpu())
     return torch.cat(out).numpy()
 
 
@@ -182,6 +194,8 @@ class Trainer:
             self.teacher = copy.deepcopy(source).eval().requires_grad_(False)
         self.epoch = 0
         self.best = {"epoch": -1, "val": {}}
+        #: the hold-out metrics of the pretrained backbone's pooled features, before tuning
+        self.holdout_anchor: dict = {}
         self.history: list[dict] = []
         self._features: dict[str, torch.Tensor] = {}
 
@@ -292,7 +306,9 @@ class Trainer:
         return {k: v / max(1, count) for k, v in totals.items()}
 
     @torch.no_grad()
-    def validate(self) -> dict:
+    def validate(self, pooled_backbone: bool = False) -> dict:
+        """Hold-out metrics of the model; ``pooled_backbone``: of the backbone's
+        average-pooled features instead (before training: the plain pretrained anchor)."""
         if self.val_set is None:
             return {}
         self.model.eval()
@@ -301,11 +317,16 @@ class Trainer:
             features = self._cached("val", self.val_set)
             out = []
             for start in range(0, len(features), 128):
-                crop = D.center_crop(features[start : start + 128].float(), grid)
-                out.append(self.model.forward_tail(crop.to(self.device)).cpu())
+                crop = D.center_crop(features[start : start + 128].float(), grid).to(self.device)
+                if pooled_backbone:
+                    out.append(self.model.backbone.tail(crop).mean(dim=(2, 3)).cpu())
+                else:
+                    out.append(self.model.forward_tail(crop).cpu())
             embeddings = torch.cat(out).numpy()
         else:
-            embeddings = embed_images(self.model, self.val_set, self.device, self.config.workers)
+            embeddings = embed_images(
+                self.model, self.val_set, self.device, self.config.workers, pooled_backbone
+            )
         return retrieval_metrics(embeddings, np.array(self.val_set.labels))
 
     def state(self) -> dict:
@@ -317,6 +338,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "epoch": self.epoch,
             "best": self.best,
+            "holdout_anchor": self.holdout_anchor,
             "history": self.history,
             "rng": {
                 "python": random.getstate(),
@@ -339,6 +361,7 @@ class Trainer:
             reason = str(exc).splitlines()[0]
             raise CheckpointError(f"{path}: does not fit this training setup ({reason})") from None
         self.epoch, self.best, self.history = state["epoch"], state["best"], state["history"]
+        self.holdout_anchor = state.get("holdout_anchor", {})
         random.setstate(state["rng"]["python"])
         np.random.set_state(state["rng"]["numpy"])
         torch.set_rng_state(state["rng"]["torch"])
@@ -346,6 +369,12 @@ class Trainer:
     def fit(self) -> Path:
         config = self.config
         best_path = self.out / "best.pt"
+        if self.epoch == 0 and not self.holdout_anchor:
+            # before any tuning: what plain pretrained features score on the same classes
+            self.holdout_anchor = self.validate(pooled_backbone=True)
+            if self.holdout_anchor:
+                shown = ", ".join(f"{k} {v:.2f}" for k, v in self.holdout_anchor.items())
+                tqdm.write(f"hold-out anchor (pretrained backbone, average-pooled): {shown}")
         while self.epoch < config.epochs:
             started = time.time()
             losses = self.train_epoch()
@@ -368,7 +397,20 @@ class Trainer:
                 f"epoch {self.epoch}: loss {losses['loss']:.4f} | val {shown or '-'}"
                 + (" (best)" if improved else "")
             )
-        report = {"best": self.best, "history": self.history, "config": asdict(config)}
+        report = {
+            "best": self.best,
+            "holdout_anchor": self.holdout_anchor,
+            "history": self.history,
+            "config": asdict(config),
+        }
+        metric = config.select_metric
+        if self.holdout_anchor and self.best["val"].get(metric, 0.0) < self.holdout_anchor[metric]:
+            tqdm.write(
+                f"warning: the best epoch's hold-out {metric} "
+                f"({self.best['val'][metric]:.2f}) is below the plain pretrained backbone's "
+                f"({self.holdout_anchor[metric]:.2f}): on classes like these, the backbone's "
+                "average-pooled features retrieve better than this model"
+            )
         if config.final_test:
             report["test"] = self.final_test(best_path)
         (self.out / "report.json").write_text(json.dumps(report, indent=2))

@@ -134,6 +134,7 @@ def _config(folder: Path, out: Path, **overrides) -> TrainConfig:
         warmup_epochs=1,
         batch_size=5,
         lr=1e-3,
+        distill_weight=0.0,
         val_fraction=0.0,
         workers=0,
         device="cpu",

@@ -33,6 +33,7 @@ def config(folder: Path, out: Path, **overrides) -> TrainConfig:
         warmup_epochs=1,
         batch_size=5,
         lr=1e-3,
+        distill_weight=0.0,
         val_fraction=0.0,
         workers=0,
         device="cpu",
@@ -74,6 +75,32 @@ def test_a_few_steps_lower_the_loss(labelled_folder, tmp_path, mode, amp):
         assert list((tmp_path / "run" / "cache").glob("trunk-*.pt"))
     # autocast computes in bfloat16 but the weights it trains stay float32
     assert all(p.dtype == torch.float32 for p in trainer.model.parameters())
+
+
+@pytest.mark.parametrize("mode", ["tail", "full"])
+def test_the_hold_out_anchor_is_the_pretrained_backbone_before_tuning(
+    labelled_folder, tmp_path, mode, capsys
+):
+    """The report carries what plain pooled features score on the held-out classes, taken
+    before any weight moved (a fresh trainer computes the same figures), and the run warns
+    when its best epoch falls below them."""
+    settings = dict(mode=mode, pretrained=True, epochs=2, val_fraction=0.4)
+    fresh = Trainer(config(labelled_folder, tmp_path / "fresh", **settings))
+    expected = fresh.validate(pooled_backbone=True)
+    assert set(expected) >= {"R@1", "MAP@R"} and len(fresh.val_set) == 6
+    trainer = Trainer(config(labelled_folder, tmp_path / "run", **settings))
+    trainer.fit()
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert report["holdout_anchor"] == pytest.approx(expected, abs=1e-6)
+    best = report["best"]["val"]["MAP@R"]
+    below = best < expected["MAP@R"]
+    assert ("is below the plain pretrained backbone" in capsys.readouterr().out) == below
+    # an anchor the model cannot reach: the run says so
+    beaten = Trainer(config(labelled_folder, tmp_path / "beaten", **settings))
+    beaten.holdout_anchor = {k: 100.5 for k in expected}
+    beaten.fit()
+    out = capsys.readouterr().out
+    assert "warning: the best epoch's hold-out MAP@R" in out and "(100.50)" in out
 
 
 def test_relational_distillation_compares_similarity_order_not_scale():
@@ -272,8 +299,9 @@ def test_backbone_weights_file_loads_the_same_network_as_the_table(tmp_path):
     net = timm.create_model("tf_efficientnet_lite0", pretrained=False)
     net.load_state_dict(spec.weights())
     half = tmp_path / "lite0.fp16.pt"
-    torch.save({k: v.half() if v.is_floating_point() else v for k, v in net.state_dict().items()},
-               half)
+    torch.save(
+        {k: v.half() if v.is_floating_point() else v for k, v in net.state_dict().items()}, half
+    )
     loaded = Backbone(spec, pretrained=False, weights_file=half)
     for (name, a), b in zip(reference.state_dict().items(), loaded.state_dict().values()):
         assert b.dtype == a.dtype, name
@@ -296,8 +324,12 @@ def test_backbone_weights_file_fits_torchvision_resnet50(tmp_path):
 @pytest.mark.parametrize("problem", ["missing", "foreign", "wrong-network", "garbage"])
 def test_train_refuses_bad_backbone_weights(labelled_folder, tmp_path, problem):
     path = tmp_path / "weights.pt"
-    expected = {"missing": "not found", "foreign": "not a state dict of tensors",
-                "wrong-network": "does not fit", "garbage": "not a readable state dict"}[problem]
+    expected = {
+        "missing": "not found",
+        "foreign": "not a state dict of tensors",
+        "wrong-network": "does not fit",
+        "garbage": "not a readable state dict",
+    }[problem]
     if problem == "foreign":
         torch.save({"epoch": 3}, path)
     elif problem == "wrong-network":
