@@ -8,6 +8,8 @@ the new train split, the rest the new test split. Then runs, as a user would, th
 prints the trained model's recall on the new test classes.
 
     python benchmarks/own_data.py ../shared/datasets/caltech97 --out /tmp/own
+    python benchmarks/own_data.py ../shared/datasets/caltech97 --out /tmp/own-lr \
+        --val-fraction 0.3 --lr 1e-5      # options it does not know go to cmn-export train
 
 Needs the training side (``pip install ".[export]"``). The manifest points at the source's
 images (relative paths), so nothing is copied.
@@ -64,7 +66,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--train-classes", type=int, default=25)
     parser.add_argument("--backbone", default="tf_efficientnet_lite0")
-    args = parser.parse_args()
+    args, train_options = parser.parse_known_args()  # the rest goes to cmn-export train
     data = args.out / "dataset"
     n_train, n_test = build_split(args.source, data, args.train_classes)
     print(f"{data}: {n_train} train images, {n_test} test images", flush=True)
@@ -87,6 +89,7 @@ def main() -> None:
             str(args.out / "run"),
             "--backbone",
             args.backbone,
+            *train_options,
         ]
     )
     report = json.loads((args.out / "run" / "report.json").read_text())
