@@ -62,6 +62,20 @@ def big(gallery: np.ndarray) -> ConceptIndex:
     return idx
 
 
+def test_a_one_thread_build_of_an_in_memory_index_is_the_same_graph_every_time(gallery):
+    """The recall tests below rely on it: the graph was once folded at the first search with
+    every core, whatever ``num_threads`` the add asked for, and recall@10 wandered."""
+    import pickle
+
+    def build() -> bytes:
+        idx = ConceptIndex(DIM, "test-model@0", exact_below=0)
+        idx.add(gallery, [f"img/{i}.jpg" for i in range(len(gallery))], num_threads=1)
+        idx.search_ids(gallery[0], 5)
+        return pickle.dumps(idx._graph.hnsw)
+
+    assert build() == build()
+
+
 def brute(
     gallery: np.ndarray,
     q: np.ndarray,

@@ -373,10 +373,12 @@ class ConceptIndex(
         """Let the view follow our own commit (``data_version`` does not see those), and
         checkpoint an on-disk index whose tail has grown past the threshold."""
         self._dirty = True
-        if self._loaded and self.path is None:
+        if self.path is None:
+            # the graph is built here, with the caller's threads: left to the first search,
+            # a new index's view loaded and folded it with every core, so a one-thread
+            # build (the same graph on every run) was not one
             with self._lock.write():
-                self._refresh_unlocked()
-                self._fold_unlocked(self._tail_rows_unlocked(), num_threads)
+                self._refresh_unlocked(num_threads)
         if self.path is not None and self.auto_checkpoint:
             state = self._state()
             if state["tail"] > self._tail_limit(int(state["count"])):

@@ -204,7 +204,7 @@ class ViewMixin:
         with self._lock.write():
             self._refresh_unlocked()
 
-    def _refresh_unlocked(self) -> None:
+    def _refresh_unlocked(self, num_threads: int = -1) -> None:
         if not self._loaded:
             self._load_view_unlocked()
             return
@@ -218,8 +218,8 @@ class ViewMixin:
         if not self._loaded:
             self._load_view_unlocked()
         self._dirty = False
-        if self.path is None and self._tail_ids:
-            self._fold_unlocked(self._tail_rows_unlocked())  # in memory: nothing to persist
+        if self.path is None and self._tail_ids:  # in memory: nothing to persist
+            self._fold_unlocked(self._tail_rows_unlocked(), num_threads)
 
     def _tail_rows_unlocked(self) -> np.ndarray:
         if self._tail_cache is None:
