@@ -205,16 +205,14 @@ class ViewMixin:
             self._refresh_unlocked()
 
     def _refresh_unlocked(self, num_threads: int = -1) -> None:
-        if not self._loaded:
-            self._load_view_unlocked()
-            return
-        with self._store.read() as conn:
-            if self._store.checkpoint().gen != self._ckpt.gen:
-                self._loaded = False  # another process checkpointed: read its checkpoint
-            else:
-                self._apply_delta(conn)
-                if self.path is not None:
-                    self._data_version = self._store.data_version()
+        if self._loaded:
+            with self._store.read() as conn:
+                if self._store.checkpoint().gen != self._ckpt.gen:
+                    self._loaded = False  # another process checkpointed: read its checkpoint
+                else:
+                    self._apply_delta(conn)
+                    if self.path is not None:
+                        self._data_version = self._store.data_version()
         if not self._loaded:
             self._load_view_unlocked()
         self._dirty = False
