@@ -111,6 +111,11 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def format_metrics(metrics: dict) -> str:
+    """``R@1 85.98, ..., MAP@R 43.74``: one way for every line the trainer prints."""
+    return ", ".join(f"{k} {v:.2f}" for k, v in metrics.items())
+
+
 @torch.no_grad()
 def embed_images(
     model: BackboneModel,
@@ -373,7 +378,7 @@ class Trainer:
             # before any tuning: what plain pretrained features score on the same classes
             self.holdout_anchor = self.validate(pooled_backbone=True)
             if self.holdout_anchor:
-                shown = ", ".join(f"{k} {v:.2f}" for k, v in self.holdout_anchor.items())
+                shown = format_metrics(self.holdout_anchor)
                 tqdm.write(f"hold-out anchor (pretrained backbone, average-pooled): {shown}")
         while self.epoch < config.epochs:
             started = time.time()
@@ -392,7 +397,7 @@ class Trainer:
             if improved:
                 weights_only = {k: state[k] for k in ("format", "config", "model", "best")}
                 save_atomic(weights_only, best_path)
-            shown = ", ".join(f"{k} {v:.2f}" for k, v in val.items())
+            shown = format_metrics(val)
             tqdm.write(
                 f"epoch {self.epoch}: loss {losses['loss']:.4f} | val {shown or '-'}"
                 + (" (best)" if improved else "")
