@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import site
 import subprocess
 import sys
 import zipfile
@@ -122,14 +123,32 @@ def test_non_editable_install_in_a_virtual_environment(wheel: Path, tmp_path: Pa
     assert json.loads(result.stdout)["precisions"]["int8"]["end_to_end"]["p50_ms"] > 0
 
 
+def _user_site_python(env: dict[str, str], cwd: Path) -> Path:
+    """An interpreter whose user site is on, seeing the test environment's packages.
+
+    A virtual environment turns the user site off for its own python (as README's test
+    command runs in one), so there it is the interpreter the environment was made from, and
+    a ``.pth`` in the clean HOME's user site lists the environment's site-packages: a
+    ``.pth`` there is read, but not the ``.pth`` files of the folders it lists, so the
+    checkout's editable install stays out of sight.
+    """
+    if sys.prefix == sys.base_prefix:
+        return Path(sys.executable)
+    python = Path(getattr(sys, "_base_executable", "") or shutil.which("python3") or "")
+    code = "import site; print(site.getusersitepackages())"
+    user_site = Path(_run([python, "-c", code], cwd, env).stdout.strip())
+    user_site.mkdir(parents=True)
+    (user_site / "test-environment.pth").write_text("\n".join(site.getsitepackages()) + "\n")
+    return python
+
+
 def test_user_install_in_a_clean_home(wheel: Path, tmp_path: Path) -> None:
     home, elsewhere = tmp_path / "home", tmp_path / "elsewhere"
     home.mkdir()
     elsewhere.mkdir()
     env = _clean_env(home)
+    python = _user_site_python(env, tmp_path)
     pip = "install -q --user --no-deps --no-index --ignore-installed --no-warn-script-location"
-    _run([sys.executable, "-m", "pip", *pip.split(), wheel], tmp_path, env)
+    _run([sys.executable, "-m", "pip", "--python", python, *pip.split(), wheel], tmp_path, env)
     user_base = home / ".local"
-    _embeds_the_bundled_photo(
-        Path(sys.executable), user_base / "bin" / "cmn-edge", env, user_base, elsewhere
-    )
+    _embeds_the_bundled_photo(python, user_base / "bin" / "cmn-edge", env, user_base, elsewhere)
