@@ -581,6 +581,47 @@ def regions(index_dir: Path, model, precision, threads, batch_size) -> None:
     click.echo(f"{index_dir}: region maps kept for all {len(idx)} items")
 
 
+@index.command("rebuild")
+@INDEX_OPTION
+@model_options
+@BATCH_OPTION
+@click.option(
+    "--drop-unreadable",
+    is_flag=True,
+    help="Remove the items whose image cannot be read (default: stop, change nothing).",
+)
+@user_errors
+def rebuild(index_dir: Path, model, precision, threads, batch_size, drop_unreadable) -> None:
+    """Re-embed every item with the index's model file as it is now (after an upgrade that
+    replaced it), or with --model/--precision: ids, paths, metadata and concept names stay.
+    Items whose image cannot be read are listed and nothing changes (--drop-unreadable
+    removes them); an interrupted rebuild resumes when run again."""
+    idx = Index.open(index_dir, threads=threads)
+    model, precision = chosen_model(model, precision)
+    with _progress_bar("Re-embedding") as bar:
+
+        def plan(n: int) -> None:
+            bar.length = n
+
+        report = idx.rebuild(
+            model=model,
+            precision=precision,
+            batch_size=batch_size,
+            drop_unreadable=drop_unreadable,
+            progress=bar.update,
+            plan=plan,
+        )
+    for path, reason in report.unreadable:
+        _warn(f"{'removed' if report.swapped else 'cannot re-embed'} {path}: {reason}")
+    if report.unreadable and not report.swapped:
+        raise CliError(
+            f"{index_dir}: {len(report.unreadable)} item(s) could not be read (listed above); "
+            "the index is unchanged: restore them and run again to resume, or "
+            "--drop-unreadable to remove them"
+        )
+    click.echo(f"{index_dir}: {report.summary()}; {len(idx)} items")
+
+
 @index.command("name-concept")
 @INDEX_OPTION
 @click.argument("concept")

@@ -14,6 +14,7 @@ One job per module:
 - :mod:`.calibrate`  ef and mask depth tuned to a recall target, again as the gallery grows
 - :mod:`.lock`       readers and a writer within a process
 - :mod:`.sync`       an index kept in step with a folder
+- :mod:`.rebuild`    every item re-embedded with another model file, in place
 - :mod:`.view`       each process's search view, following the database incrementally
 - :mod:`.persistence` save, copy, graph checkpoints, optimize, verify, the manifest
 - :mod:`.core`       ``ConceptIndex``: the pieces put together, and the writes
@@ -28,6 +29,7 @@ from .api import Index, embedder_for_index, model_ref
 from .core import ConceptIndex, Hit
 from .errors import ConceptError, ConceptIndexError, IndexCorruptError, ModelMismatchError
 from .plan import ConceptRef, Plan
+from .rebuild import RebuildReport
 from .store import DB_FILE, FORMAT, FORMAT_VERSION, is_index_dir
 from .sync import SyncReport
 
@@ -44,6 +46,7 @@ __all__ = [
     "IndexCorruptError",
     "ModelMismatchError",
     "Plan",
+    "RebuildReport",
     "SyncReport",
     "embedder_for_index",
     "is_index_dir",

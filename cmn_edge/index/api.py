@@ -28,6 +28,8 @@ from ..parts import Parts
 from .core import ConceptIndex, Hit
 from .errors import ConceptIndexError
 from .plan import ConceptRef
+from .rebuild import RebuildReport
+from .rebuild import rebuild as rebuild_index
 from .regions import RegionsError
 from .rerank import DEFAULT_DEPTH
 from .sync import SyncReport, sync_folder
@@ -214,6 +216,7 @@ class Index:
         array = np.asarray(items) if not isinstance(items, (str, os.PathLike)) else None
         if array is not None and array.dtype.kind == "f":
             return array, None
+        self.index.check_model(self.embedder.model_id)
         if self.keeps_regions:
             if isinstance(items, (str, os.PathLike)):
                 items = [items]
@@ -290,6 +293,44 @@ class Index:
         self.index.remove(ids)
         return len(set(ids))
 
+    def rebuild(
+        self,
+        embedder=None,
+        *,
+        model: str | None = None,
+        precision: str | None = None,
+        batch_size: int = 32,
+        drop_unreadable: bool = False,
+        progress=None,
+        plan=None,
+    ) -> RebuildReport:
+        """Re-embed every item with ``embedder`` (default: ``model``/``precision``, else the
+        model file the index names now, e.g. after a package upgrade re-quantized it), in
+        place: ids, paths and metadata stay. See :mod:`.rebuild` for how it stays safe;
+        when the report lists unreadable items and ``drop_unreadable`` is False, the index
+        is unchanged and a second run resumes."""
+        if embedder is None:
+            from ..embedder import Embedder
+
+            embedder = Embedder(
+                model if model is not None else self.index.model_ref,
+                precision=precision or self.index.precision or "auto",
+                threads=self._threads,
+            )
+        ref = model_ref(model) if model is not None else self.index.model_ref
+        report = rebuild_index(
+            self.index,
+            embedder,
+            model_ref=ref,
+            batch_size=batch_size,
+            drop_unreadable=drop_unreadable,
+            progress=progress,
+            plan=plan,
+        )
+        if report.swapped or self.index.model_id == embedder.model_id:
+            self._embedder = embedder
+        return report
+
     def sync(self, folder: str | os.PathLike, **kwargs) -> SyncReport:
         """Embed new files under ``folder``, re-embed changed ones, remove vanished ones."""
         return sync_folder(self.index, self.embedder, folder, **kwargs)
@@ -335,13 +376,16 @@ class Index:
         """
         if isinstance(query, np.ndarray) and query.dtype.kind == "f":
             vector = query
-        elif rerank is not None:
-            if not self.keeps_regions:  # say so before embedding anything
-                self.index._query_regions(None)
-            vectors, maps = self.embedder.embed_regions([query])
-            vector, query_regions = vectors[0], maps[0]
         else:
-            vector = self.embedder.embed([query])[0]
+            # another process may have re-embedded the index with another model since
+            self.index.check_model(self.embedder.model_id)
+            if rerank is not None:
+                if not self.keeps_regions:  # say so before embedding anything
+                    self.index._query_regions(None)
+                vectors, maps = self.embedder.embed_regions([query])
+                vector, query_regions = vectors[0], maps[0]
+            else:
+                vector = self.embedder.embed([query])[0]
         hits = self.index.search(
             vector,
             k,
@@ -360,4 +404,11 @@ class Index:
         return [h.with_path(self.full_path(h.path)) for h in hits]
 
 
-__all__ = ["Index", "RegionsError", "SyncReport", "embedder_for_index", "model_ref"]
+__all__ = [
+    "Index",
+    "RebuildReport",
+    "RegionsError",
+    "SyncReport",
+    "embedder_for_index",
+    "model_ref",
+]

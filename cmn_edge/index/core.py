@@ -335,11 +335,20 @@ class ConceptIndex(
 
     # ------------------------------------------------------------------ model identity
     def check_model(self, model_id: str) -> None:
-        """Refuse embeddings of another model: their concept axes mean something else."""
+        """Refuse embeddings of another model: their concept axes mean something else.
+
+        An on-disk index is asked again each time: another process may have re-embedded it
+        with another model (``cmn-edge index rebuild``) since this one opened it."""
+        if self.path is not None:
+            model = self._store.get_info("model") or {}
+            self.model_id = model.get("id")
+            self.model_ref = model.get("ref")
+            self.precision = model.get("precision")
         if self.model_id is not None and model_id != self.model_id:
             raise ModelMismatchError(
                 f"{self._where()}: built with model {self.model_id}, but the query model is "
-                f"{model_id}; use the same --model/--precision or rebuild the index"
+                f"{model_id}; use the same --model/--precision, or re-embed the index with "
+                f"`cmn-edge index rebuild --index {self._where()}`"
             )
 
     # ------------------------------------------------------------------ writes

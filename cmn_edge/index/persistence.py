@@ -6,6 +6,7 @@ what runs now and then, or on request.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import shutil
 import sqlite3
@@ -313,22 +314,7 @@ class PersistenceMixin:
         """Checkpoint, compact, re-tune (and re-fit the projection) now; then shrink the WAL."""
         if rebuild_graph and self.path is not None:
             with self._lock.write(), self._store.write():
-                ckpt = self._store.checkpoint()
-                self._store.set_checkpoint(
-                    Checkpoint(
-                        **{
-                            **ckpt.__dict__,
-                            "graph_file": None,
-                            "graph_sha256": None,
-                            "seq": 0,
-                            "vector_rows": 0,
-                            "row_ids": b"",
-                            "vectors_file": None,
-                            "projection": None,
-                            "graph_dims": None,
-                        }
-                    )
-                )
+                self._forget_graph_unlocked()
             self._loaded = False
         done = self.checkpoint(
             compact=True,
@@ -341,6 +327,25 @@ class PersistenceMixin:
                 self._store.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
                 self._store.conn.execute("PRAGMA optimize")
         return done
+
+    def _forget_graph_unlocked(self) -> None:
+        """Inside the caller's write transaction: record no graph and no vector file, so
+        every item is read from the database and the next checkpoint builds the graph anew
+        (the generation stays: readers keep their view and follow the database)."""
+        ckpt = self._store.checkpoint()
+        self._store.set_checkpoint(
+            dataclasses.replace(
+                ckpt,
+                graph_file=None,
+                graph_sha256=None,
+                seq=0,
+                vector_rows=0,
+                row_ids=b"",
+                vectors_file=None,
+                projection=None,
+                graph_dims=None,
+            )
+        )
 
     def verify(self) -> list[str]:
         """Check everything (slow: reads the whole index): the database's integrity, the
