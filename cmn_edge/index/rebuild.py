@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..parts import Parts
 from . import items as db_items
 from . import regions as db_regions
 from .errors import ConceptIndexError
@@ -102,6 +103,12 @@ def rebuild(
         raise ConceptIndexError(
             f"{where}: the model has {embedder.num_concepts} concepts, the index "
             f"{index.num_concepts}; build a new index for it"
+        )
+    parts = Parts.of(embedder.metadata)
+    if parts != index.parts:
+        raise ConceptIndexError(
+            f"{where}: the model's parts are {parts.describe()}, the index's "
+            f"{index.parts.describe()}; build a new index for it"
         )
     grid = index.region_grid
     if grid is not None:
