@@ -56,6 +56,7 @@ def staged_rows(folder: Path) -> int:
 def test_rebuild_to_another_precision_keeps_items_and_names(fp32_index, embedder, embedder_fp32):
     before = contents(fp32_index)
     reader = Index.open(fp32_index, embedder_fp32)  # a kiosk that opened it earlier
+    unloaded = ConceptIndex.open(fp32_index)  # a camera that has not searched yet
     cat = before[0][0]
     assert reader.search(cat, k=1)[0].id == 0
 
@@ -73,9 +74,18 @@ def test_rebuild_to_another_precision_keeps_items_and_names(fp32_index, embedder
     assert index.verify() == []
     assert index.manifest()["checkpoint"]["vector_rows"] == 15  # the graph built anew
 
-    # the reader's model is no longer the index's: refused, not silently wrong
+    # the reader's model is no longer the index's: refused, not silently wrong, for an
+    # image it embeds, a vector it was given (a kiosk embeds itself), and an add (a camera)
     with pytest.raises(ModelMismatchError, match="cmn-edge index rebuild"):
         reader.search(cat, k=1)
+    stale = embedder_fp32.embed([cat])[0]
+    with pytest.raises(ModelMismatchError, match="re-embedded with model"):
+        reader.index.search(stale, k=1)
+    with pytest.raises(ModelMismatchError, match="re-embedded with model"):
+        reader.index.add(stale[None, :], ["elsewhere.jpg"])
+    with pytest.raises(ModelMismatchError, match="re-embedded with model"):
+        unloaded.search(stale, k=1)
+    assert len(ConceptIndex.open(fp32_index)) == 15
     hits = Index.open(fp32_index).search(cat, k=3)
     assert hits[0].id == 0 and hits[0].score == pytest.approx(1.0, abs=1e-5)
 

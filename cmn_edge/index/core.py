@@ -337,18 +337,30 @@ class ConceptIndex(
     def check_model(self, model_id: str) -> None:
         """Refuse embeddings of another model: their concept axes mean something else.
 
-        An on-disk index is asked again each time: another process may have re-embedded it
-        with another model (``cmn-edge index rebuild``) since this one opened it."""
-        if self.path is not None:
-            model = self._store.get_info("model") or {}
-            self.model_id = model.get("id")
-            self.model_ref = model.get("ref")
-            self.precision = model.get("precision")
-        if self.model_id is not None and model_id != self.model_id:
+        An on-disk index is asked each time: another process may have re-embedded it with
+        another model (``cmn-edge index rebuild``) since this one opened it."""
+        current = self._stored_model_id()
+        if current is not None and model_id != current:
             raise ModelMismatchError(
-                f"{self._where()}: built with model {self.model_id}, but the query model is "
+                f"{self._where()}: built with model {current}, but the query model is "
                 f"{model_id}; use the same --model/--precision, or re-embed the index with "
                 f"`cmn-edge index rebuild --index {self._where()}`"
+            )
+
+    def _stored_model_id(self) -> str | None:
+        if self.path is None:
+            return self.model_id
+        return (self._store.get_info("model") or {}).get("id")
+
+    def _check_not_rebuilt(self) -> None:
+        """Vectors given to this handle were made with the model it opened; refuse them once
+        another process re-embedded the index with another model (they would mix two
+        models' axes in one gallery, or rank by the wrong ones)."""
+        current = self._stored_model_id()
+        if current != self.model_id:
+            raise ModelMismatchError(
+                f"{self._where()}: re-embedded with model {current} since this process opened "
+                f"it (with {self.model_id}); open it again with that model"
             )
 
     # ------------------------------------------------------------------ writes
@@ -432,6 +444,7 @@ class ConceptIndex(
                     raise ConceptIndexError(f"{path}: given twice in one add")
                 seen.add(path)
         with self._lock.write(), self._store.write() as conn:
+            self._check_not_rebuilt()
             state = self._state()
             existing = db_items.ids_for_paths(conn, [p for p in paths if p is not None])
             ids = []
@@ -470,6 +483,8 @@ class ConceptIndex(
             row = conn.execute("SELECT 1 FROM items WHERE id = ?", (int(item_id),)).fetchone()
             if row is None:
                 raise ConceptIndexError(f"{self._where()}: no item with id {item_id}")
+            if vector is not None:
+                self._check_not_rebuilt()
             state = self._state()
             state["seq"] += 1
             if vector is not None:

@@ -76,6 +76,8 @@ class ViewMixin:
         """Read the checkpoint (memory-map its vectors, verify and load its graph), then the
         tail. A checkpoint replaced while we read it (a writer in another process) is read
         again; a missing or tampered file is an error, never trusted."""
+        if self.path is not None:
+            self._check_not_rebuilt()
         for attempt in range(5):
             try:
                 with self._store.read() as conn:
@@ -205,6 +207,8 @@ class ViewMixin:
             self._refresh_unlocked()
 
     def _refresh_unlocked(self, num_threads: int = -1) -> None:
+        if self.path is not None:
+            self._check_not_rebuilt()  # another process's rebuild: our vectors are stale
         if self._loaded:
             with self._store.read() as conn:
                 if self._store.checkpoint().gen != self._ckpt.gen:

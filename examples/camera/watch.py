@@ -35,7 +35,13 @@ from pathlib import Path
 import numpy as np
 
 from cmn_edge import Embedder, ImageError
-from cmn_edge.index import ConceptIndexError, Index, embedder_for_index, is_index_dir
+from cmn_edge.index import (
+    ConceptIndexError,
+    Index,
+    ModelMismatchError,
+    embedder_for_index,
+    is_index_dir,
+)
 
 log = logging.getLogger("watch")
 
@@ -261,6 +267,12 @@ class Watcher:
                 [{"source": "camera", "captured_ns": captured_ns}],
                 regions=maps,
             )[0]
+        except ModelMismatchError as exc:
+            # `cmn-edge index rebuild` re-embedded the index with another model: this
+            # process's vectors no longer fit; the frame stays pending for the restart
+            log.error("could not add %s to the index: %s", path.name, exc)
+            self.stop_reason = "the index was re-embedded with another model; restart to load it"
+            return
         except (OSError, ConceptIndexError) as exc:
             # Disk full, a read-only mount, the database locked for too long: the frame
             # stays pending and is tried again; after a few failures in a row, stop (a
