@@ -7,7 +7,7 @@ For each gallery size (synthetic vectors drawn like real ones: see ``bench_index
 - add-1: single-item adds, each its own committed transaction, to the on-disk index:
   latency, and bytes written (``wchar`` of /proc/self/io: every byte handed to write(),
   SQLite's WAL included); then one graph checkpoint, and the bytes per add amortised over
-  the checkpoint interval (a checkpoint every N/16 changes);
+  the checkpoint interval (the index checkpoints every N/32 changes, at least 1024);
 - cold open + search: a fresh process opens the index and answers one query (page cache
   warm: the files were just written); its wall times and peak RSS;
 - sustained ingest (``--sustained``): single adds for a while, automatic checkpoints
