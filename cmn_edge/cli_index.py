@@ -157,6 +157,17 @@ def _progress_bar(label: str):
     )
 
 
+def _with_progress(label: str, work, **kwargs):
+    """``work(**kwargs, progress=..., plan=...)`` under a progress bar on stderr, whose length
+    the work sets through ``plan(n)`` once it knows how many images it will embed."""
+    with _progress_bar(label) as bar:
+
+        def plan(n: int) -> None:
+            bar.length = n
+
+        return work(**kwargs, progress=bar.update, plan=plan)
+
+
 def _embed_paths(
     embedder: Embedder,
     paths: list[Path],
@@ -204,19 +215,14 @@ def _expand(paths: tuple[str, ...]) -> list[Path]:
 
 def _run_sync(index: Index, folder: Path, batch_size: int, strict: bool, metadata) -> object:
     """sync with a progress bar on stderr; unreadable files listed after it."""
-    with _progress_bar("Embedding") as bar:
-
-        def plan(n: int) -> None:
-            bar.length = n
-
-        report = index.sync(
-            folder,
-            strict=strict,
-            batch_size=batch_size,
-            metadata=metadata,
-            progress=bar.update,
-            plan=plan,
-        )
+    report = _with_progress(
+        "Embedding",
+        index.sync,
+        folder=folder,
+        strict=strict,
+        batch_size=batch_size,
+        metadata=metadata,
+    )
     for path, reason in report.skipped:
         _warn(f"skipped {path}: {reason}")
     return report
@@ -565,12 +571,7 @@ def regions(index_dir: Path, model, precision, threads, batch_size) -> None:
         click.echo(f"{index_dir} already keeps region maps for all {len(idx)} items")
         return
     idx._embedder = _embedder_for(idx.index, model, precision, threads)
-    with _progress_bar("Embedding regions") as bar:
-
-        def plan(n: int) -> None:
-            bar.length = n
-
-        unreadable = idx.add_regions(batch_size, progress=bar.update, plan=plan)
+    unreadable = _with_progress("Embedding regions", idx.add_regions, batch_size=batch_size)
     for path, reason in unreadable:
         _warn(f"skipped {path}: {reason}")
     if unreadable:
@@ -598,19 +599,14 @@ def rebuild(index_dir: Path, model, precision, threads, batch_size, drop_unreada
     removes them); an interrupted rebuild resumes when run again."""
     idx = Index.open(index_dir, threads=threads)
     model, precision = chosen_model(model, precision)
-    with _progress_bar("Re-embedding") as bar:
-
-        def plan(n: int) -> None:
-            bar.length = n
-
-        report = idx.rebuild(
-            model=model,
-            precision=precision,
-            batch_size=batch_size,
-            drop_unreadable=drop_unreadable,
-            progress=bar.update,
-            plan=plan,
-        )
+    report = _with_progress(
+        "Re-embedding",
+        idx.rebuild,
+        model=model,
+        precision=precision,
+        batch_size=batch_size,
+        drop_unreadable=drop_unreadable,
+    )
     for path, reason in report.unreadable:
         _warn(f"{'removed' if report.swapped else 'cannot re-embed'} {path}: {reason}")
     if report.unreadable and not report.swapped:
