@@ -352,3 +352,20 @@ def test_a_long_lived_reader_folds_a_large_tail_into_its_own_graph(tmp_path):
     assert reader.manifest()["counts"]["tail"] == 0  # now in its own in-memory graph
     assert sorted(p.name for p in folder.iterdir()) == before  # nothing written
     assert reader.search_ids(data[1999], 1)[0][0] == 1999
+
+
+def test_the_vector_file_is_mapped_read_only_and_whole(tmp_path):
+    """The checkpoint's rows come back bit for bit, without a copy, and cannot be written."""
+    from cmn_edge.index.vectors import map_rows
+
+    rows = np.random.default_rng(0).standard_normal((37, 8)).astype(np.float32)
+    path = tmp_path / "vectors-000001.f32"
+    rows.tofile(path)
+    with open(path, "ab") as handle:
+        handle.write(b"\0" * 64)  # a killed append beyond the recorded rows is not read
+    mapped = map_rows(path, 37, 8)
+    assert mapped.shape == (37, 8) and mapped.dtype == np.float32
+    assert np.array_equal(mapped, rows) and not mapped.flags.owndata
+    with pytest.raises(ValueError):
+        mapped[0, 0] = 1.0
+    assert map_rows(path, 0, 8).shape == (0, 8)

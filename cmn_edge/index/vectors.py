@@ -8,7 +8,29 @@ the file in that same order, so numbers never change until a compaction.
 
 from __future__ import annotations
 
+import mmap
+import os
+
 import numpy as np
+
+
+def map_rows(path: str | os.PathLike, rows: int, num_concepts: int) -> np.ndarray:
+    """The first ``rows`` float32 rows of a vector file, memory-mapped read-only.
+
+    A search reads a few hundred scattered rows, so the mapping is advised as random access:
+    otherwise every first touch of a page makes the kernel read around it (8 MiB on a
+    virtio disk here), and a cold search at 1M items read and mapped about 400 MB of vectors
+    for the 309 rows it needed (1.2-1.7 s; RSS +400 MB). A plain ndarray over the mapping,
+    not ``np.memmap``, whose subclass hooks cost ~20% on the re-rank's gather.
+    """
+    length = rows * num_concepts * 4
+    if length == 0:
+        return np.zeros((0, num_concepts), np.float32)
+    with open(path, "rb") as handle:
+        mapping = mmap.mmap(handle.fileno(), length, access=mmap.ACCESS_READ)
+    if hasattr(mapping, "madvise") and hasattr(mmap, "MADV_RANDOM"):  # not on Windows
+        mapping.madvise(mmap.MADV_RANDOM)
+    return np.frombuffer(mapping, dtype=np.float32).reshape(rows, num_concepts)
 
 
 class VectorRows:

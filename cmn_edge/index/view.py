@@ -23,7 +23,7 @@ from .store import (
     Checkpoint,
     new_state,
 )
-from .vectors import VectorRows
+from .vectors import VectorRows, map_rows
 
 #: Refit the projection when new items keep less than this share of the energy the fitted
 #: items kept in it (root-mean-square capture).
@@ -103,13 +103,7 @@ class ViewMixin:
             size = os.stat(file).st_size  # FileNotFoundError: replaced meanwhile, read again
             if size < need:
                 raise IndexCorruptError(f"{file}: {size} bytes, the checkpoint needs {need}")
-            # a plain ndarray view of the mapping: np.memmap's subclass hooks cost ~20% on
-            # the re-rank's gather
-            base = np.asarray(
-                np.memmap(
-                    file, dtype=np.float32, mode="r", shape=(ckpt.vector_rows, self.num_concepts)
-                )
-            )
+            base = map_rows(file, ckpt.vector_rows, self.num_concepts)
             row_ids = np.frombuffer(ckpt.row_ids, dtype=np.int64)
             if len(row_ids) != ckpt.vector_rows:
                 raise IndexCorruptError(f"{self._db_file()}: checkpoint row ids disagree")
