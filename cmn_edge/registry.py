@@ -91,6 +91,16 @@ def get_bundled(name: str) -> BundledModel:
     raise ValueError(f"unknown model '{name}' (bundled: {known}; or give a path to an .onnx file)")
 
 
+def bundled_name_of(path: str | os.PathLike) -> str | None:
+    """The bundled model a file is (any of its precisions), or None."""
+    folder = models_dir().resolve()
+    resolved = Path(path).resolve()
+    for model in BUNDLED:
+        if any(resolved == folder / name for _precision, name in model.files):
+            return model.name
+    return None
+
+
 def choose_precision(precision: str, cpu: CpuInfo | None = None) -> str:
     """``auto`` -> the precision this CPU runs without losing retrieval quality."""
     if precision not in PRECISION_CHOICES:
