@@ -162,8 +162,8 @@ def _with_progress(label: str, work, **kwargs):
     the work sets through ``plan(n)`` once it knows how many images it will embed."""
     with _progress_bar(label) as bar:
 
-        def plan(n: int) -> None:
-            bar.length = n
+        def plan(n: int) -> None:  # n more to come (a rebuild may plan again)
+            bar.length = bar.pos + n
 
         return work(**kwargs, progress=bar.update, plan=plan)
 

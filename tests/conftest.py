@@ -48,3 +48,16 @@ def labelled_folder(tmp_path: Path, photos: dict[str, Path]) -> Path:
         w, h = image.size
         image.crop((w // 10, h // 10, w - w // 10, h - h // 10)).save(folder / "crop.jpg")
     return tmp_path / "gallery"
+
+
+@pytest.fixture(scope="session")
+def other_model(tmp_path_factory) -> Path:
+    """The bundled model with one byte of its doc string changed: a different model file."""
+    onnx = pytest.importorskip("onnx")
+    from cmn_edge.registry import resolve_model_path
+
+    model = onnx.load(str(resolve_model_path(None, "int8")))
+    model.doc_string = (model.doc_string or "") + " (a copy)"
+    path = tmp_path_factory.mktemp("models") / "other.onnx"
+    onnx.save(model, str(path))
+    return path

@@ -339,19 +339,6 @@ def test_interrupted_build_resumes(tmp_path, labelled_folder):
     assert_one_line_error(finished, "already holds an index")
 
 
-@pytest.fixture(scope="module")
-def other_model(tmp_path_factory) -> Path:
-    """The bundled model with one byte of its doc string changed: a different model file."""
-    onnx = pytest.importorskip("onnx")
-    from cmn_edge.registry import resolve_model_path
-
-    model = onnx.load(str(resolve_model_path(None, "int8")))
-    model.doc_string = (model.doc_string or "") + " (a copy)"
-    path = tmp_path_factory.mktemp("models") / "other.onnx"
-    onnx.save(model, str(path))
-    return path
-
-
 BAD_SEARCHES = [
     # (extra arguments, text the one-line error must hold)
     (["--exclude-concept", "100000"], "concept 100000 is out of range"),

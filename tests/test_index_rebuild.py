@@ -188,7 +188,7 @@ def test_a_rebuild_killed_at_any_point_leaves_an_index_that_opens(fp32_index):
             "--precision",
             "int8",
             "--batch-size",
-            "2",
+            "1",
             "--threads",
             "1",
         ],
@@ -202,10 +202,11 @@ def test_a_rebuild_killed_at_any_point_leaves_an_index_that_opens(fp32_index):
         time.sleep(0.02)
     child.send_signal(signal.SIGKILL)
     child.communicate()
+    assert child.returncode == -signal.SIGKILL  # killed mid-staging, not finished
+    assert staged_rows(fp32_index) >= 2  # what it staged survives, for the next run
     index = ConceptIndex.load(fp32_index)
-    if index.model_id == fp32_model:  # killed before the swap
-        assert len(index) == 15 and index.verify() == []
-        assert Index.open(fp32_index).search(before[0][0], k=1)[0].id == 0
+    assert index.model_id == fp32_model and len(index) == 15 and index.verify() == []
+    assert Index.open(fp32_index).search(before[0][0], k=1)[0].id == 0
     finished = run("index", "rebuild", "--index", fp32_index, "--precision", "int8")
     assert finished.exit_code == 0, finished.output
     index = ConceptIndex.load(fp32_index)
@@ -219,3 +220,91 @@ def test_a_model_of_another_size_is_refused(fp32_index, tmp_path):
     small.close()
     result = run("index", "rebuild", "--index", folder, "--precision", "int8")
     assert_one_line_error(result, str(folder), "512 concepts, the index 8")
+
+
+def test_an_index_with_region_maps_gets_the_new_models_maps(
+    tmp_path, labelled_folder, embedder, embedder_fp32
+):
+    from cmn_edge.index import regions as db_regions
+
+    folder = tmp_path / "regions.idx"
+    index = Index.create(folder, embedder_fp32, regions=True)
+    paths = gallery(labelled_folder)[:6]
+    index.add(paths)
+    index.close()
+    report = Index.open(folder).rebuild(embedder)
+    assert report.swapped and report.items == 6
+    rebuilt = ConceptIndex.load(folder)
+    _vectors, expected = embedder.embed_regions(paths)
+    ids = [rebuilt.id_for_path(str(p.resolve())) for p in paths]
+    with rebuilt._store.read() as conn:
+        stored = db_regions.read(conn, ids, expected.shape[1], expected.shape[2])
+    assert np.allclose(stored, expected, atol=2e-3)  # float16 storage
+    assert rebuilt.verify() == []
+    hits = Index.open(folder).search(paths[0], k=2, rerank="structural")
+    assert hits[0].path == str(paths[0].resolve())
+
+
+def test_a_second_rebuild_started_meanwhile_wins_and_the_first_stops(
+    tmp_path, labelled_folder, embedder, embedder_fp32, other_model
+):
+    """Never two models in one gallery: the first rebuild notices and stops."""
+    from cmn_edge import Embedder
+    from cmn_edge.index import ConceptIndexError
+
+    folder = tmp_path / "int8.idx"
+    index = Index.create(folder, embedder)
+    paths = gallery(labelled_folder)
+    index.add(paths)
+    index.close()
+    other = Embedder(other_model, precision="int8", threads=2)
+    started = []
+
+    def progress(done: int) -> None:
+        if not started:  # while the first stages FP32 vectors, a second run takes over
+            started.append(Index.open(folder).rebuild(other))
+
+    with pytest.raises(ConceptIndexError, match="another rebuild"):
+        Index.open(folder).rebuild(embedder_fp32, batch_size=4, progress=progress)
+    assert started[0].swapped
+    final = ConceptIndex.load(folder)
+    assert final.model_id == other.model_id and final.verify() == []
+    for item_id in final.ids:
+        expected = other.embed([final.item(item_id)[0]])[0]
+        assert np.allclose(final.embedding(item_id), expected, atol=1e-6)
+
+
+def test_an_unreadable_item_another_writer_removed_is_not_counted_twice(
+    fp32_index, labelled_folder, embedder
+):
+    hidden = labelled_folder / "coffee" / "crop.jpg"
+    hidden_id = ConceptIndex.open(fp32_index).id_for_path(str(hidden.resolve()))
+    hidden.unlink()
+    other = ConceptIndex.open(fp32_index)
+    removed = []
+
+    def progress(done: int) -> None:
+        if not removed:  # a sync elsewhere drops the vanished file meanwhile
+            other.remove([hidden_id])
+            removed.append(hidden_id)
+
+    report = Index.open(fp32_index).rebuild(
+        embedder, batch_size=4, drop_unreadable=True, progress=progress
+    )
+    assert report.swapped and report.dropped == 0 and report.items == 14
+    index = ConceptIndex.load(fp32_index)
+    assert len(index) == 14 == len(contents(fp32_index)) and index.verify() == []
+
+
+def test_a_rebuild_with_a_model_file_records_it_for_the_next_open(
+    fp32_index, tmp_path, labelled_folder
+):
+    from cmn_edge import Embedder
+
+    copy = tmp_path / "mine.int8.onnx"
+    shutil.copy(resolve_model_path(None, "int8"), copy)
+    Index.open(fp32_index).rebuild(Embedder(copy, precision="int8", threads=2))
+    assert ConceptIndex.open(fp32_index).model_ref == str(copy.resolve())
+    cat = labelled_folder / "cat" / "original.jpg"
+    hits = Index.open(fp32_index).search(cat, k=1)  # loads the recorded file, not the default
+    assert hits[0].path == str(cat.resolve())

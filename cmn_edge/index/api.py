@@ -61,8 +61,9 @@ def embedder_for_index(
 
 def model_ref(model: str | None) -> str | None:
     """What an index remembers of ``--model`` so later commands default to the same model:
-    a bundled name as is, a file by its absolute path."""
-    from ..registry import get_bundled
+    a bundled name as is (a bundled file's path too: it moves with the package), any other
+    file by its absolute path."""
+    from ..registry import bundled_name_of, get_bundled
 
     if model is None:
         return None
@@ -70,7 +71,8 @@ def model_ref(model: str | None) -> str | None:
         get_bundled(str(model))
         return str(model)
     except ValueError:
-        return str(Path(model).resolve())
+        path = Path(model).resolve()
+        return bundled_name_of(path) or str(path)
 
 
 class Index:
@@ -309,6 +311,12 @@ class Index:
         place: ids, paths and metadata stay. See :mod:`.rebuild` for how it stays safe;
         when the report lists unreadable items and ``drop_unreadable`` is False, the index
         is unchanged and a second run resumes."""
+        if model is not None:
+            ref = model_ref(model)
+        elif embedder is not None:
+            ref = model_ref(str(embedder.path))  # so that Index.open finds this file again
+        else:
+            ref = self.index.model_ref
         if embedder is None:
             from ..embedder import Embedder
 
@@ -317,7 +325,6 @@ class Index:
                 precision=precision or self.index.precision or "auto",
                 threads=self._threads,
             )
-        ref = model_ref(model) if model is not None else self.index.model_ref
         report = rebuild_index(
             self.index,
             embedder,

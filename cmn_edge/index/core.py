@@ -621,6 +621,7 @@ class ConceptIndex(
         if name is not None:
             name = check_concept_name(name)
         with self._store.write() as conn:
+            self._check_not_rebuilt()  # names belong to the model's concepts
             names = db_items.concept_names(conn)
             owner = next((i for i, n in names.items() if n == name), None)
             if name is not None and owner is not None and owner != index:

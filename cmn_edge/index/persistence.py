@@ -344,6 +344,7 @@ class PersistenceMixin:
                 vectors_file=None,
                 projection=None,
                 graph_dims=None,
+                colmax2=None,  # recomputed from the vectors as the view reads them
             )
         )
 

@@ -42,13 +42,18 @@ INFO_KEY = "rebuilding"
 NO_IMAGE = "added as an embedding, with no image to re-embed"
 
 
+#: rounds of "stage what changed meanwhile" before giving up on a writer that never pauses
+MAX_ROUNDS = 5
+
+
 @dataclass
 class RebuildReport:
     model_from: str | None
     model_to: str
     embedded: int = 0  # images embedded by this run
-    resumed: int = 0  # staged by an earlier, interrupted run
+    resumed: int = 0  # items staged by an earlier, interrupted run
     unreadable: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
+    items: int = 0  # items whose vectors the swap replaced
     dropped: int = 0
     names_cleared: int = 0
     swapped: bool = False
@@ -56,7 +61,7 @@ class RebuildReport:
     def summary(self) -> str:
         if not self.swapped:
             return f"nothing to re-embed: the index is on {self.model_to}"
-        text = f"re-embedded {self.embedded + self.resumed} items with {self.model_to}"
+        text = f"re-embedded {self.items} items with {self.model_to}"
         if self.resumed:
             text += f" ({self.resumed} from the interrupted run)"
         if self.dropped:
@@ -66,17 +71,43 @@ class RebuildReport:
         return text
 
 
-def _pending(conn: sqlite3.Connection) -> list[tuple[int, str | None, int]]:
-    """(id, stored path, seq) of the items with no current staged vector."""
+def _pending(conn: sqlite3.Connection, with_regions: bool) -> list[tuple[int, str | None, int]]:
+    """(id, stored path, seq) of the items with no current staged vector (or, in an index
+    that keeps region maps, no staged maps)."""
     return conn.execute(
         "SELECT items.id, items.path, items.seq FROM items LEFT JOIN restaged "
         "ON restaged.id = items.id WHERE restaged.id IS NULL OR restaged.seq != items.seq "
-        "ORDER BY items.id"
+        "OR (? AND restaged.maps IS NULL) ORDER BY items.id",
+        (int(with_regions),),
     ).fetchall()
 
 
 def _model_name(model_id: str | None) -> str | None:
     return None if model_id is None else model_id.split("@", 1)[0]
+
+
+def _check_regions(index, embedder) -> bool:
+    """Whether the index keeps region maps now, refusing a model that cannot make them."""
+    grid = index.region_grid
+    if grid is None:
+        return False
+    embedder._check_regions()
+    made = tuple(embedder.metadata.region_grid)
+    if made != tuple(grid):
+        raise ConceptIndexError(
+            f"{index._where()}: keeps {grid[0]}x{grid[1]} region maps, the model makes "
+            f"{made[0]}x{made[1]}"
+        )
+    return True
+
+
+def _check_target(store, target: str) -> None:
+    """Inside a write transaction: the staging table is still this rebuild's."""
+    current = store.get_info(INFO_KEY)
+    if current != target:
+        raise ConceptIndexError(
+            f"{store.where}: another rebuild (to {current}) started meanwhile; run one at a time"
+        )
 
 
 def rebuild(
@@ -110,14 +141,7 @@ def rebuild(
             f"{where}: the model's parts are {parts.describe()}, the index's "
             f"{index.parts.describe()}; build a new index for it"
         )
-    grid = index.region_grid
-    if grid is not None:
-        embedder._check_regions()
-        if tuple(embedder.metadata.region_grid) != tuple(grid):
-            raise ConceptIndexError(
-                f"{where}: keeps {grid[0]}x{grid[1]} region maps, the model makes "
-                f"{embedder.metadata.region_grid[0]}x{embedder.metadata.region_grid[1]}"
-            )
+    with_regions = _check_regions(index, embedder)
     target = embedder.model_id
     store = index._store
     report = RebuildReport(index.model_id, target)
@@ -128,46 +152,72 @@ def rebuild(
             store.set_info(INFO_KEY, target)
         staged = _count(conn)
         items = int(conn.execute("SELECT COUNT(*) FROM items").fetchone()[0])
-        report.resumed = items - len(_pending(conn))  # staged and still current
+        report.resumed = items - len(_pending(conn, with_regions))  # staged, still current
     if index.model_id == target and not staged:
         _forget_staging(store)
-        if index._store.checkpoint().seq == 0 and len(index):
-            index.optimize()  # a swap whose graph build was interrupted
+        ckpt = store.checkpoint()
+        if ckpt.gen and ckpt.vectors_file is None and len(index):
+            index.optimize()  # a swap (or graph rebuild) whose graph build was interrupted
         return report
 
-    unreadable: dict[int, tuple[str, str]] = {}
-    while True:
+    # id -> (path, reason, seq when it failed)
+    unreadable: dict[int, tuple[str, str, int]] = {}
+    for _round in range(MAX_ROUNDS):
         with store.read() as conn:
-            pending = [row for row in _pending(conn) if row[0] not in unreadable]
-        if not pending:
-            with index._lock.write(), store.write() as conn:
-                late = [row for row in _pending(conn) if row[0] not in unreadable]
-                if not late:  # nothing changed since it was staged: swap now
-                    report.unreadable = list(unreadable.values())
-                    if unreadable and not drop_unreadable:
-                        return report
-                    _swap(index, conn, report, sorted(unreadable), embedder, model_ref)
-            if not late:
-                break
-            pending = late  # another writer changed items meanwhile: embed them too
-        report.embedded += _stage(
-            index, embedder, pending, batch_size, grid is not None, unreadable, progress, plan
-        )
-    index._loaded = False
-    index.optimize()  # the graph anew, on the new vectors, and the depth re-tuned
-    return report
+            pending = [r for r in _pending(conn, with_regions) if r[0] not in unreadable]
+        if pending:
+            report.embedded += _stage(
+                index, embedder, target, pending, batch_size, with_regions, unreadable,
+                progress, plan,
+            )  # fmt: skip
+            continue
+        with index._lock.write(), store.write() as conn:
+            _check_target(store, target)
+            with_regions = _check_regions(index, embedder)  # `index regions` may have run
+            late = _recheck(conn, unreadable, with_regions)
+            if late:
+                continue  # another writer changed items meanwhile: embed them too
+            report.unreadable = [(path, reason) for path, reason, _ in unreadable.values()]
+            if unreadable and not drop_unreadable:
+                return report
+            model = {"id": target, "ref": model_ref, "precision": embedder.precision}
+            _swap(index, conn, report, sorted(unreadable), model, with_regions)
+        # committed: this handle follows its own change
+        index.model_id, index.model_ref, index.precision = target, model_ref, model["precision"]
+        index._loaded = False
+        index.optimize()  # the graph anew, on the new vectors, and the depth re-tuned
+        return report
+    raise ConceptIndexError(
+        f"{where}: items kept changing while they were re-embedded; pause the other writer "
+        "and run again (it resumes)"
+    )
 
 
 def _count(conn: sqlite3.Connection) -> int:
     return int(conn.execute("SELECT COUNT(*) FROM restaged").fetchone()[0])
 
 
-def _stage(index, embedder, pending, batch_size, with_regions, unreadable, progress, plan) -> int:
+def _recheck(conn, unreadable: dict, with_regions: bool) -> bool:
+    """Inside the swap's transaction: anything left to embed? Unreadable items another writer
+    removed are forgotten; ones it changed (a restored file) are embedded again."""
+    if unreadable:
+        ids = list(unreadable)
+        marks = ",".join("?" * len(ids))
+        now = dict(conn.execute(f"SELECT id, seq FROM items WHERE id IN ({marks})", ids))
+        for item_id in ids:
+            if now.get(item_id) != unreadable[item_id][2]:
+                del unreadable[item_id]  # gone, or changed since it failed: not ours to drop
+    return any(r[0] not in unreadable for r in _pending(conn, with_regions))
+
+
+def _stage(
+    index, embedder, target, pending, batch_size, with_regions, unreadable, progress, plan
+) -> int:
     """Embed the pending items' images into the staging table, a transaction a batch."""
     by_file: dict[str, tuple[int, int]] = {}
     for item_id, stored, seq in pending:
         if stored is None:
-            unreadable[item_id] = (f"id {item_id}", NO_IMAGE)
+            unreadable[item_id] = (f"id {item_id}", NO_IMAGE, seq)
         else:
             by_file[str(Path(index.full_path(stored)))] = (item_id, seq)
     if plan is not None:
@@ -195,17 +245,18 @@ def _stage(index, embedder, pending, batch_size, with_regions, unreadable, progr
             blob = None if maps is None else maps[i].tobytes()
             rows.append((item_id, seq, vectors[i].tobytes(), blob))
         with index._store.write() as conn:
+            _check_target(index._store, target)
             conn.executemany("INSERT OR REPLACE INTO restaged VALUES (?, ?, ?, ?)", rows)
         done += len(batch)
         if progress is not None:
             progress(len(batch))
     for file, reason in errors:
-        item_id, _seq = by_file[str(file)]
-        unreadable[item_id] = (str(file), reason)
+        item_id, seq = by_file[str(file)]
+        unreadable[item_id] = (str(file), reason, seq)
     return done
 
 
-def _swap(index, conn, report: RebuildReport, drop: list[int], embedder, model_ref) -> None:
+def _swap(index, conn, report: RebuildReport, drop: list[int], model: dict, regions: bool):
     """Inside the caller's write transaction: the staged vectors become the items' vectors."""
     store = index._store
     state = index._state()
@@ -220,25 +271,27 @@ def _swap(index, conn, report: RebuildReport, drop: list[int], embedder, model_r
         "UPDATE vectors SET vec = (SELECT vec FROM restaged WHERE restaged.id = vectors.id) "
         "WHERE id IN (SELECT id FROM restaged)"
     )
-    if index.region_grid is not None:
+    if regions:
         conn.execute(
             "UPDATE regions SET maps = (SELECT maps FROM restaged WHERE restaged.id = regions.id)"
             " WHERE id IN (SELECT id FROM restaged)"
         )
-    changed = conn.execute(
+    elif db_regions.has_table(conn):
+        # maps from an interrupted `index regions` are the old model's: `index regions`
+        # makes them again with this one
+        conn.execute("DELETE FROM regions")
+    report.items = conn.execute(
         "UPDATE items SET seq = ? WHERE id IN (SELECT id FROM restaged)", (seq,)
     ).rowcount
     state["tail"] = int(state["count"])
-    if _model_name(index.model_id) != _model_name(report.model_to):
+    if _model_name(index.model_id) != _model_name(model["id"]):
         report.names_cleared = conn.execute("DELETE FROM concepts").rowcount
-    model = {"id": report.model_to, "ref": model_ref, "precision": embedder.precision}
     store.set_info("model", model)
     store.set_info("state", state)
     index._forget_graph_unlocked()
     conn.execute("DROP TABLE restaged")
     conn.execute("DELETE FROM info WHERE key = ?", (INFO_KEY,))
-    index.model_id, index.model_ref, index.precision = model["id"], model_ref, model["precision"]
-    report.swapped = changed > 0 or bool(drop)
+    report.swapped = report.items > 0 or bool(drop)
 
 
 def _forget_staging(store) -> None:

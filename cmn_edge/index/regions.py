@@ -155,11 +155,13 @@ class RegionsMixin:
             )
         maps = check_shape(regions, len(item_ids), tuple(grid), self.num_concepts, self._where())
         with self._store.write() as conn:
+            self._check_not_rebuilt()  # maps made with the model this handle opened
             write(conn, [int(i) for i in item_ids], maps)
 
     def keep_regions(self, grid: tuple[int, int]) -> None:
         """From now on, keep region maps: every item must have one already (put_regions)."""
         with self._store.write() as conn:
+            self._check_not_rebuilt()
             conn.execute(TABLE)
             missing = ids_without(conn)
             if missing:

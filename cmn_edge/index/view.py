@@ -76,11 +76,10 @@ class ViewMixin:
         """Read the checkpoint (memory-map its vectors, verify and load its graph), then the
         tail. A checkpoint replaced while we read it (a writer in another process) is read
         again; a missing or tampered file is an error, never trusted."""
-        if self.path is not None:
-            self._check_not_rebuilt()
         for attempt in range(5):
             try:
                 with self._store.read() as conn:
+                    self._check_not_rebuilt()  # in the snapshot: a swap cannot slip between
                     self._load_checkpoint(self._store.checkpoint())
                     self._apply_delta(conn)
                     self._data_version = self._store.data_version()
@@ -201,10 +200,9 @@ class ViewMixin:
             self._refresh_unlocked()
 
     def _refresh_unlocked(self, num_threads: int = -1) -> None:
-        if self.path is not None:
-            self._check_not_rebuilt()  # another process's rebuild: our vectors are stale
         if self._loaded:
             with self._store.read() as conn:
+                self._check_not_rebuilt()  # another process's rebuild: our vectors are stale
                 if self._store.checkpoint().gen != self._ckpt.gen:
                     self._loaded = False  # another process checkpointed: read its checkpoint
                 else:
