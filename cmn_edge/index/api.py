@@ -28,7 +28,7 @@ from ..parts import Parts
 from .core import ConceptIndex, Hit
 from .errors import ConceptIndexError
 from .plan import ConceptRef
-from .rebuild import RebuildReport
+from .rebuild import RebuildReport, embed_stored
 from .rebuild import rebuild as rebuild_index
 from .regions import RegionsError
 from .rerank import DEFAULT_DEPTH
@@ -259,27 +259,24 @@ class Index:
         self.embedder._check_regions()
         grid = self.embedder.metadata.region_grid
         todo = self.index.items_without_regions()
-        if plan is not None:
-            plan(len(todo))
         # every item's path in one scan (an IN list of all ids would pass SQLite's limit)
-        stored = {item_id: path for path, (item_id, *_) in self.index.file_stamps().items()}
-        unreadable: list[tuple[str, str]] = []
-        by_path: dict[str, int] = {}
-        for item_id in todo:
-            if item_id not in stored:
-                unreadable.append((f"id {item_id}", "added as a vector, with no image path"))
-            else:
-                by_path[str(Path(self.full_path(stored[item_id])))] = item_id
-        errors: list[tuple[Path, str]] = []
-        files = [Path(p) for p in by_path]
-        for batch, (_, maps) in self.embedder.iter_regions(files, batch_size, True, errors):
-            self.index.put_regions([by_path[str(f)] for f in batch], maps, grid)
+        paths = {item_id: path for path, (item_id, *_) in self.index.file_stamps().items()}
+        unreadable: dict[int, tuple[str, str]] = {}
+        for ids, _vectors, maps in embed_stored(
+            self.index,
+            self.embedder,
+            {item_id: paths.get(item_id) for item_id in todo},
+            batch_size,
+            True,
+            unreadable,
+            plan,
+        ):
+            self.index.put_regions(ids, maps, grid)
             if progress is not None:
-                progress(len(batch))
-        unreadable += [(str(f), reason) for f, reason in errors]
+                progress(len(ids))
         if not unreadable:
             self.index.keep_regions(grid)
-        return unreadable
+        return list(unreadable.values())
 
     def remove(self, items: Iterable[int | str | os.PathLike]) -> int:
         """Remove items given by id or by path (a deleted file's path still works)."""

@@ -210,49 +210,63 @@ def _recheck(conn, unreadable: dict, with_regions: bool) -> bool:
     return any(r[0] not in unreadable for r in _pending(conn, with_regions))
 
 
-def _stage(
-    index, embedder, target, pending, batch_size, with_regions, unreadable, progress, plan
-) -> int:
-    """Embed the pending items' images into the staging table, a transaction a batch."""
-    by_file: dict[str, tuple[int, int]] = {}
-    for item_id, stored, seq in pending:
-        if stored is None:
-            unreadable[item_id] = (f"id {item_id}", NO_IMAGE, seq)
+def embed_stored(index, embedder, stored, batch_size, with_regions, unreadable, plan=None):
+    """Embed items again from their image files: (item ids, embeddings, region maps or None)
+    batches. ``stored``: item id -> stored path (None: added as an embedding). An item with no
+    image, or whose image cannot be read, goes into ``unreadable`` as id -> (path, reason)
+    (the last ones once the batches are done); ``plan(n)`` is told how many images it reads.
+    """
+    by_file: dict[str, int] = {}
+    for item_id, path in stored.items():
+        if path is None:
+            unreadable[item_id] = (f"id {item_id}", NO_IMAGE)
         else:
-            by_file[str(Path(index.full_path(stored)))] = (item_id, seq)
+            by_file[str(Path(index.full_path(path)))] = item_id
     if plan is not None:
         plan(len(by_file))
     errors: list[tuple[Path, str]] = []
     files = [Path(f) for f in by_file]
     if with_regions:
-        batches = (
-            (batch, vectors, maps)
-            for batch, (vectors, maps) in embedder.iter_regions(files, batch_size, True, errors)
-        )
+        for batch, (vectors, maps) in embedder.iter_regions(files, batch_size, True, errors):
+            yield [by_file[str(f)] for f in batch], vectors, maps
     else:
-        batches = (
-            (batch, vectors, None)
-            for batch, vectors in embedder.iter_paths(files, batch_size, True, errors)
-        )
+        for batch, vectors in embedder.iter_paths(files, batch_size, True, errors):
+            yield [by_file[str(f)] for f in batch], vectors, None
+    for file, reason in errors:
+        unreadable[by_file[str(file)]] = (str(file), reason)
+
+
+def _stage(
+    index, embedder, target, pending, batch_size, with_regions, unreadable, progress, plan
+) -> int:
+    """Embed the pending items' images into the staging table, a transaction a batch."""
+    seq_of = {item_id: seq for item_id, _path, seq in pending}
+    failed: dict[int, tuple[str, str]] = {}
+    stored = {item_id: path for item_id, path, _seq in pending}
     done = 0
-    for batch, vectors, maps in batches:
+    for ids, vectors, maps in embed_stored(
+        index, embedder, stored, batch_size, with_regions, failed, plan
+    ):
         vectors = index._vectors(vectors)
         if maps is not None:
             maps = np.ascontiguousarray(maps, dtype=db_regions.STORED_DTYPE)
-        rows = []
-        for i, file in enumerate(batch):
-            item_id, seq = by_file[str(file)]
-            blob = None if maps is None else maps[i].tobytes()
-            rows.append((item_id, seq, vectors[i].tobytes(), blob))
+        rows = [
+            (
+                item_id,
+                seq_of[item_id],
+                vectors[i].tobytes(),
+                None if maps is None else maps[i].tobytes(),
+            )
+            for i, item_id in enumerate(ids)
+        ]
         with index._store.write() as conn:
             _check_target(index._store, target)
             conn.executemany("INSERT OR REPLACE INTO restaged VALUES (?, ?, ?, ?)", rows)
-        done += len(batch)
+        done += len(ids)
         if progress is not None:
-            progress(len(batch))
-    for file, reason in errors:
-        item_id, seq = by_file[str(file)]
-        unreadable[item_id] = (str(file), reason, seq)
+            progress(len(ids))
+    for item_id, (path, reason) in failed.items():
+        unreadable[item_id] = (path, reason, seq_of[item_id])
     return done
 
 
@@ -300,4 +314,4 @@ def _forget_staging(store) -> None:
         conn.execute("DELETE FROM info WHERE key = ?", (INFO_KEY,))
 
 
-__all__ = ["RebuildReport", "rebuild"]
+__all__ = ["RebuildReport", "embed_stored", "rebuild"]
