@@ -40,13 +40,16 @@ def embedder_for_index(
     model: str | None = None,
     precision: str | None = None,
     threads: int | None = None,
+    *,
+    refuse_other: bool = True,
 ):
     """The embedder for ``index``: the model it was built with unless ``model`` names another
     (None: the index's), at the index's precision unless ``precision`` is given; any model
-    other than the index's is refused (its concept axes mean something else).
+    other than the index's is refused (its concept axes mean something else), except for a
+    rebuild (``refuse_other=False``), which loads the file the index names as it is now.
 
-    The one place that finds an index's model: the CLI, ``explain``, the kiosk and the camera
-    watcher all call it.
+    The one place that finds an index's model: the CLI, ``explain``, the kiosk, the camera
+    watcher and ``Index.rebuild`` all call it.
     """
     from ..embedder import Embedder
 
@@ -55,7 +58,8 @@ def embedder_for_index(
         precision=precision or index.precision or "int8",
         threads=threads,
     )
-    index.check_model(embedder.model_id)
+    if refuse_other:
+        index.check_model(embedder.model_id)
     return embedder
 
 
@@ -315,12 +319,8 @@ class Index:
         else:
             ref = self.index.model_ref
         if embedder is None:
-            from ..embedder import Embedder
-
-            embedder = Embedder(
-                model if model is not None else self.index.model_ref,
-                precision=precision or self.index.precision or "auto",
-                threads=self._threads,
+            embedder = embedder_for_index(
+                self.index, model, precision, self._threads, refuse_other=False
             )
         report = rebuild_index(
             self.index,
@@ -331,7 +331,7 @@ class Index:
             progress=progress,
             plan=plan,
         )
-        if report.swapped or self.index.model_id == embedder.model_id:
+        if self.index.model_id == embedder.model_id:  # swapped now, or already on it
             self._embedder = embedder
         return report
 
