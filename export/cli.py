@@ -26,7 +26,12 @@ def head_options(func):
     for spec in reversed(list(HEADS.values())):
         for opt in reversed(spec.options):
             func = click.option(
-                opt.flag, opt.key, default=opt.default, show_default=True, help=opt.help
+                opt.flag,
+                opt.key,
+                default=opt.default,
+                show_default=True,
+                help=opt.help,
+                type=click.Choice(opt.choices) if opt.choices else None,
             )(func)
     return click.option(
         "--head",

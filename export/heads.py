@@ -22,6 +22,16 @@ if TYPE_CHECKING:
 #: the head of configs and checkpoints written before heads existed
 DEFAULT_HEAD = "cmn"
 
+#: How a CMN head normalises each region's feature before projecting it. Upstream's
+#: LayerNorm ("layer") keeps only each region's direction: the mean of the normalised regions
+#: of a pretrained Lite0 retrieves at R@1 70.9 / 92.3 (cub100 / caltech97 test) against 85.2
+#: / 94.3 for the plain average of the regions, which weighs each region by its magnitude.
+#: "none" keeps the magnitudes (the backbone's ReLU6 bounds them), so a head that attends
+#: evenly can start at the pretrained features' quality (``ConceptHead.init_from_features``).
+CMN_TOKEN_NORMS = ("layer", "none")
+#: How a CMN head starts: at random, or at the pretrained features of the training images.
+CMN_HEAD_INITS = ("random", "features")
+
 
 @dataclass(frozen=True)
 class HeadOption:
@@ -31,6 +41,8 @@ class HeadOption:
     key: str
     default: Any
     help: str
+    #: the values it takes, where it is a choice (the CLI refuses others)
+    choices: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -54,8 +66,13 @@ class HeadSpec:
 def _build_cmn(config: dict, pretrained: bool, weights: str | None) -> BackboneModel:
     from .model import CMN
 
+    options = HEADS["cmn"].head_options(config)
     return CMN(
-        config["backbone"], config["num_concepts"], pretrained=pretrained, backbone_weights=weights
+        config["backbone"],
+        config["num_concepts"],
+        pretrained=pretrained,
+        backbone_weights=weights,
+        token_norm=options["token_norm"],
     )
 
 
@@ -100,6 +117,25 @@ HEADS: dict[str, HeadSpec] = {
             build=_build_cmn,
             criterion=_cmn_criterion,
             regulariser_weight=lambda config: float(config["separation_weight"]),
+            options=(
+                HeadOption(
+                    "--token-norm",
+                    "token_norm",
+                    "layer",
+                    "CMN: 'layer' (upstream's LayerNorm of each region) or 'none' (keep each "
+                    "region's magnitude, as average pooling does).",
+                    choices=CMN_TOKEN_NORMS,
+                ),
+                HeadOption(
+                    "--head-init",
+                    "init",
+                    "random",
+                    "CMN: 'random', or 'features': start the head at the pretrained features "
+                    "(identity projection, even attention, queries along their principal "
+                    "directions); best with --token-norm none.",
+                    choices=CMN_HEAD_INITS,
+                ),
+            ),
         ),
         HeadSpec(
             name="dgml",

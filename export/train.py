@@ -371,9 +371,73 @@ class Trainer:
         np.random.set_state(state["rng"]["numpy"])
         torch.set_rng_state(state["rng"]["torch"])
 
+    @torch.no_grad()
+    def initialise_head(self) -> dict:
+        """``--head-init features``: the head starts at the pretrained features of the
+        training images (``ConceptHead.init_from_features``), before any step."""
+        if self.config.mode == "tail":
+            grid = self._trunk_grid()
+            cached = self._cached("train", self.train_set)
+            tail = self.model.backbone.tail.eval()
+            features = torch.cat(
+                [
+                    tail(D.center_crop(cached[s : s + 128].float(), grid).to(self.device)).cpu()
+                    for s in range(0, len(cached), 128)
+                ]
+            )
+        else:
+            loader = DataLoader(
+                D.ImageSet(self.train_set, D.eval_transform(self.preprocess)),
+                batch_size=64,
+                num_workers=self.config.workers,
+            )
+            self.model.eval()
+            features = torch.cat([self.model.backbone(x.to(self.device)).cpu() for x, _ in loader])
+        done = self.model.head.init_from_features(features.to(self.device))
+        self._proxies_at_class_means(features)
+        return done
+
+    @torch.no_grad()
+    def _proxies_at_class_means(self, features: torch.Tensor) -> None:
+        """Proxy-Anchor's proxies start at each class's mean embedding, not at random: from a
+        head that already ranks like the pretrained features, random proxies pull every
+        class somewhere arbitrary in the first steps (hold-out MAP@R 95.0 -> 92.9 after the
+        warm-up epoch without this)."""
+        proxies = getattr(self.criterion, "proxies", None)
+        if proxies is None:
+            return
+        self.model.eval()
+        embedding = torch.cat(
+            [
+                self.model.embed_features(features[s : s + 128].to(self.device)).cpu()
+                for s in range(0, len(features), 128)
+            ]
+        )
+        labels = torch.tensor(self.train_set.labels)
+        means = torch.zeros(proxies.shape, dtype=embedding.dtype)
+        means.index_add_(0, labels, embedding)
+        proxies.copy_(torch.nn.functional.normalize(means, dim=1).to(proxies.device))
+
+    def _save_best(self, state: dict) -> None:
+        weights_only = {k: state[k] for k in ("format", "config", "model", "best")}
+        save_atomic(weights_only, self.out / "best.pt")
+
     def fit(self) -> Path:
         config = self.config
         best_path = self.out / "best.pt"
+        if self.epoch == 0 and config.head_options.get("init") == "features":
+            done = self.initialise_head()
+            tqdm.write(
+                f"head initialised from the pretrained features of {done['images']} training "
+                f"images (principal directions explain {100 * done['variance_explained']:.1f}%)"
+            )
+            start = self.validate()
+            if start:
+                # the start is a candidate too: training that never beats the pretrained
+                # features on the hold-out leaves them as best.pt, not a worse epoch
+                tqdm.write(f"hold-out at the start: {format_metrics(start)} (epoch 0)")
+                self.best = {"epoch": 0, "val": start}
+                self._save_best(self.state())
         if self.epoch == 0 and not self.holdout_anchor:
             # before any tuning: what plain pretrained features score on the same classes
             self.holdout_anchor = self.validate(pooled_backbone=True)
@@ -395,8 +459,7 @@ class Trainer:
             state = self.state()
             save_atomic(state, self.out / "last.pt")
             if improved:
-                weights_only = {k: state[k] for k in ("format", "config", "model", "best")}
-                save_atomic(weights_only, best_path)
+                self._save_best(state)
             shown = format_metrics(val)
             tqdm.write(
                 f"epoch {self.epoch}: loss {losses['loss']:.4f} | val {shown or '-'}"
