@@ -212,6 +212,14 @@ class Trainer:
             )
         return self._features[name]
 
+    def _centre_crops(self, name: str, data: D.LabelledSet):
+        """The cached trunk features of ``data``, centre-cropped, in batches on the device:
+        what the tail sees at evaluation (tail mode)."""
+        grid = self._trunk_grid()
+        features = self._cached(name, data)
+        for start in range(0, len(features), 128):
+            yield D.center_crop(features[start : start + 128].float(), grid).to(self.device)
+
     def _trunk_grid(self) -> int:
         """The trunk's grid (stride 16) at the input size: 'same' padding rounds up, so a
         260 px image gives 17 cells, as the full network computes it, not 260 // 16."""
@@ -318,11 +326,8 @@ class Trainer:
             return {}
         self.model.eval()
         if self.config.mode == "tail":
-            grid = self._trunk_grid()
-            features = self._cached("val", self.val_set)
             out = []
-            for start in range(0, len(features), 128):
-                crop = D.center_crop(features[start : start + 128].float(), grid).to(self.device)
+            for crop in self._centre_crops("val", self.val_set):
                 if pooled_backbone:
                     out.append(self.model.backbone.tail(crop).mean(dim=(2, 3)).cpu())
                 else:
@@ -375,23 +380,17 @@ class Trainer:
     def initialise_head(self) -> dict:
         """``--head-init features``: the head starts at the pretrained features of the
         training images (``ConceptHead.init_from_features``), before any step."""
+        self.model.eval()
         if self.config.mode == "tail":
-            grid = self._trunk_grid()
-            cached = self._cached("train", self.train_set)
-            tail = self.model.backbone.tail.eval()
-            features = torch.cat(
-                [
-                    tail(D.center_crop(cached[s : s + 128].float(), grid).to(self.device)).cpu()
-                    for s in range(0, len(cached), 128)
-                ]
-            )
+            tail = self.model.backbone.tail
+            crops = self._centre_crops("train", self.train_set)
+            features = torch.cat([tail(crop).cpu() for crop in crops])
         else:
             loader = DataLoader(
                 D.ImageSet(self.train_set, D.eval_transform(self.preprocess)),
                 batch_size=64,
                 num_workers=self.config.workers,
             )
-            self.model.eval()
             features = torch.cat([self.model.backbone(x.to(self.device)).cpu() for x, _ in loader])
         done = self.model.head.init_from_features(features.to(self.device))
         self._proxies_at_class_means(features)
@@ -418,13 +417,17 @@ class Trainer:
         means.index_add_(0, labels, embedding)
         proxies.copy_(torch.nn.functional.normalize(means, dim=1).to(proxies.device))
 
+    @property
+    def best_path(self) -> Path:
+        return self.out / "best.pt"
+
     def _save_best(self, state: dict) -> None:
         weights_only = {k: state[k] for k in ("format", "config", "model", "best")}
-        save_atomic(weights_only, self.out / "best.pt")
+        save_atomic(weights_only, self.best_path)
 
     def fit(self) -> Path:
         config = self.config
-        best_path = self.out / "best.pt"
+        best_path = self.best_path
         if self.epoch == 0 and config.head_options.get("init") == "features":
             done = self.initialise_head()
             tqdm.write(
