@@ -132,7 +132,8 @@ class ConceptHead(nn.Module):
         training images' pretrained feature maps). With ``token_norm="none"`` the embedding
         is then the average-pooled features projected on their first C principal
         directions: within 1.2 / 0.1 R@1 of the plain backbone on cub100 / caltech97 test,
-        where a random head starts at 65 / 90. Returns what it set, for the training log."""
+        where a random head starts at 66 / 90 (``benchmarks/head_start.py``). Returns what it
+        set, for the training log."""
         tokens = self.token_norm(features.flatten(2).transpose(1, 2).float())  # N,R,D
         channels = tokens.shape[-1]
         if self.token_proj.weight.shape != (channels, channels):
