@@ -21,6 +21,9 @@ ImageInput = Union[str, os.PathLike, Image.Image, np.ndarray]  # noqa: UP007 (ru
 
 #: Refuse images above this many pixels (about 12k x 8k): decompression bombs.
 MAX_PIXELS = 100_000_000
+#: A resize to more pixels than this (an aspect ratio past 256:1 at the usual 256 short
+#: side) resamples only the centre crop, not the whole resized image.
+MAX_RESIZED_PIXELS = 4096 * 4096
 
 _INTERPOLATION = {
     "bilinear": Image.Resampling.BILINEAR,
@@ -145,11 +148,19 @@ def resize_and_crop(image: Image.Image, preprocess: Preprocess) -> Image.Image:
         new_w, new_h = short, int(short * height / width)
     else:
         new_w, new_h = int(short * width / height), short
-    if (new_w, new_h) != (width, height):
-        image = image.resize((new_w, new_h), _INTERPOLATION[preprocess.interpolation])
     crop = preprocess.input_size
     left = int(round((new_w - crop) / 2.0))
     top = int(round((new_h - crop) / 2.0))
+    resample = _INTERPOLATION[preprocess.interpolation]
+    if new_w * new_h > MAX_RESIZED_PIXELS and short >= crop:
+        # A strip (1x5000 resizes to 256x1,280,000: over a GB, from a 100-byte PNG): resample
+        # only the crop's region of the source at the same scale. Within a grey level or two
+        # of resize-then-crop; images of ordinary shape never come here and stay exact.
+        sx, sy = width / new_w, height / new_h
+        box = (left * sx, top * sy, min(width, (left + crop) * sx), min(height, (top + crop) * sy))
+        return image.resize((crop, crop), resample, box=box)
+    if (new_w, new_h) != (width, height):
+        image = image.resize((new_w, new_h), resample)
     return image.crop((left, top, left + crop, top + crop))
 
 

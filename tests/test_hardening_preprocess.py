@@ -1,0 +1,61 @@
+"""Bad input to the image decoder and the evaluation transform, made for real with Pillow."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cmn_edge import preprocess as pp
+from cmn_edge.metadata import Preprocess
+
+PRE = Preprocess()
+
+#: Load an image in a child whose address space is its size after the imports plus 512 MiB.
+BOUNDED_LOAD = """
+import resource, sys
+import cmn_edge.preprocess as pp
+from cmn_edge.metadata import Preprocess
+status = open("/proc/self/status").read()
+size = int(status.split("VmSize:")[1].split()[0]) * 1024
+resource.setrlimit(resource.RLIMIT_AS, (size + 512 * 2**20, resource.RLIM_INFINITY))
+print(pp.load(sys.argv[1], Preprocess()).shape)
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux's /proc")
+@pytest.mark.parametrize("size", [(1, 5000), (5000, 1)])
+def test_a_strip_image_loads_in_little_memory(tmp_path: Path, size: tuple[int, int]) -> None:
+    """A 100-byte PNG one pixel wide and 5,000 tall: resizing it whole to a 256 short side
+    would make a 256x1,280,000 image (over a GB, a MemoryError or an OOM kill)."""
+    path = tmp_path / "strip.png"
+    Image.new("RGB", size, (200, 30, 30)).save(path)
+    result = subprocess.run(
+        [sys.executable, "-c", BOUNDED_LOAD, str(path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "(3, 224, 224)"
+
+
+def test_a_strip_image_matches_resize_then_crop(photos: dict[str, Path]) -> None:
+    """The centre-crop shortcut for strips gives the pixels of the plain transform."""
+    image = Image.open(photos["cat"]).convert("RGB").resize((3, 2000))
+    width, height = image.size
+    new_h = int(PRE.resize_size * height / width)
+    assert PRE.resize_size * new_h > pp.MAX_RESIZED_PIXELS  # the shortcut is taken
+    top = int(round((new_h - PRE.input_size) / 2.0))
+    left = int(round((PRE.resize_size - PRE.input_size) / 2.0))
+    full = image.resize((PRE.resize_size, new_h), Image.Resampling.BILINEAR)
+    expected = np.asarray(
+        full.crop((left, top, left + PRE.input_size, top + PRE.input_size)), dtype=int
+    )
+    got = np.asarray(pp.resize_and_crop(image, PRE), dtype=int)
+    assert got.shape == expected.shape
+    assert np.abs(got - expected).max() <= 1
