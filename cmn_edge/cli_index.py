@@ -67,6 +67,7 @@ from .cli_common import (
 from .embedder import Embedder, list_images
 from .index import ConceptIndex, ConceptIndexError, Index, embedder_for_index, is_index_dir
 from .index.rerank import DEFAULT_DEPTH, RERANK_CHOICES
+from .index.sync import NOT_UTF8, check_storable_folder, storable_name
 
 INDEX_OPTION = click.option(
     "--index",
@@ -308,6 +309,7 @@ def build(
     paths = list_images(folder)
     if not paths:
         raise CliError(f"{folder}: no images found")
+    check_storable_folder(folder)
     metadata = _read_metadata_csv(metadata_csv) if metadata_csv else None
     resume = None
     if is_index_dir(index_dir) and not force:
@@ -406,6 +408,7 @@ def sync(
     a moved folder still matches. Creates the index when --index holds none."""
     if not Path(folder).is_dir():
         raise FileNotFoundError(f"{folder}: folder not found")
+    check_storable_folder(folder)
     metadata = _read_metadata_csv(metadata_csv) if metadata_csv else None
     if is_index_dir(index_dir):
         idx = Index.open(index_dir)
@@ -437,6 +440,13 @@ def add(
     files = _expand(paths)
     if not files:
         raise CliError(f"{paths[0]}: no images found")
+    for file in [f for f in files if not storable_name(f.resolve())]:
+        if not skip_errors:
+            raise CliError(f"{file}: {NOT_UTF8}")
+        _warn(f"skipped {file}: {NOT_UTF8}")
+        files.remove(file)
+    if not files:
+        raise CliError(f"{paths[0]}: no readable images")
     metadata = _read_metadata_csv(metadata_csv) if metadata_csv else {}
     kept, vectors, maps = _embed_paths(
         embedder, files, batch_size, skip_errors, regions=idx.keeps_regions

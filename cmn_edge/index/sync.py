@@ -15,6 +15,30 @@ import numpy as np
 from ..embedder import list_images
 from ..files import file_sha256
 from ..preprocess import ImageError
+from .errors import ConceptIndexError
+
+#: Why a file whose name is not UTF-8 (kept by Python as lone surrogates) is left out.
+NOT_UTF8 = "file name is not valid UTF-8, which the index cannot store (rename the file)"
+
+
+def storable_name(path: str | os.PathLike) -> bool:
+    """Whether the index's database (UTF-8 text) can hold this path: a name written in
+    another encoding (Latin-1 from an old camera or archive) cannot."""
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def check_storable_folder(folder: str | os.PathLike) -> None:
+    """Refuse a folder whose resolved path the index cannot store, before anything is written."""
+    root = Path(folder).resolve()
+    if not storable_name(root):
+        raise ConceptIndexError(
+            f"{root}: folder name is not valid UTF-8, which the index cannot store "
+            "(rename the folder)"
+        )
 
 
 @dataclass
@@ -51,6 +75,7 @@ def sync_folder(
     skipped and listed in the report (``strict``: the first one raises ImageError).
     """
     root = Path(folder).resolve()
+    check_storable_folder(root)
     report = SyncReport()
     files = list_images(root)
     stored = {p: v for p, v in index.file_stamps().items() if not os.path.isabs(p)}
@@ -59,6 +84,11 @@ def sync_folder(
     for file in files:
         rel = file.relative_to(root).as_posix()
         present.add(rel)
+        if not storable_name(rel):
+            if strict:
+                raise ImageError(f"{file}: {NOT_UTF8}")
+            report.skipped.append((str(file), NOT_UTF8))
+            continue
         try:
             st = file.stat()
         except OSError as exc:
@@ -119,4 +149,4 @@ def sync_folder(
     return report
 
 
-__all__ = ["SyncReport", "sync_folder"]
+__all__ = ["NOT_UTF8", "SyncReport", "check_storable_folder", "storable_name", "sync_folder"]

@@ -1,0 +1,117 @@
+"""`cmn-edge index build/sync/add` on folders a user really has: file names in another
+encoding than UTF-8 (a Latin-1 name from an old camera, a zip or a Windows share)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from cmn_edge.cli import main
+from cmn_edge.index import ConceptIndex
+
+LATIN1 = b"caf\xe9"  # "café" in Latin-1: not UTF-8, Python keeps it as a lone surrogate
+
+
+def run(*args):
+    return CliRunner().invoke(main, [os.fsdecode(a) for a in args], catch_exceptions=False)
+
+
+def one_line_error(result, *needles: str) -> str:
+    assert result.exit_code == 1, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+    return lines[0]
+
+
+def snapshot(folder: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and not p.name.endswith(("-shm", "-wal"))
+    }
+
+
+def latin1_path(folder: Path, name: bytes) -> Path:
+    """``folder / name`` with a name that is not UTF-8; skips where the file system refuses."""
+    path = Path(os.fsdecode(os.path.join(os.fsencode(folder), name)))
+    try:
+        path.touch()
+        path.unlink()
+    except (OSError, UnicodeEncodeError):
+        pytest.skip("this file system refuses names that are not UTF-8")
+    return path
+
+
+@pytest.fixture
+def mixed_folder(tmp_path: Path, photos: dict[str, Path]) -> tuple[Path, Path]:
+    """(folder, the Latin-1-named photo in it) beside an ordinary photo."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    shutil.copy(photos["cat"], folder / "cat.jpg")
+    odd = latin1_path(folder, LATIN1 + b".jpg")
+    shutil.copy(photos["coffee"], odd)
+    return folder, odd
+
+
+def test_build_and_sync_skip_a_file_name_that_is_not_utf8(tmp_path, mixed_folder) -> None:
+    folder, odd = mixed_folder
+    built = tmp_path / "built.idx"
+    result = run("index", "build", folder, "--index", built, "--threads", "2")
+    assert result.exit_code == 0, result.output
+    assert "skipped" in result.stderr and "not valid UTF-8" in result.stderr
+    assert "caf" in result.stderr
+    assert len(ConceptIndex.load(built)) == 1
+    assert run("index", "verify", "--index", built).exit_code == 0
+
+    strict = tmp_path / "strict.idx"
+    one_line_error(
+        run("index", "build", folder, "--index", strict, "--strict", "--threads", "2"),
+        "caf",
+        "not valid UTF-8",
+    )
+    assert not strict.exists()
+
+    synced = tmp_path / "synced.idx"
+    result = run("index", "sync", folder, "--index", synced, "--threads", "2")
+    assert result.exit_code == 0, result.output
+    assert "skipped 1" in result.stdout and "not valid UTF-8" in result.stderr
+    assert run("index", "verify", "--index", synced).exit_code == 0
+    # the next sync lists it again, and keeps the rest
+    again = run("index", "sync", folder, "--index", synced, "--threads", "2")
+    assert again.exit_code == 0 and "unchanged 1, skipped 1" in again.stdout, again.output
+    assert len(ConceptIndex.load(synced)) == 1
+
+
+def test_add_refuses_a_file_name_that_is_not_utf8(tmp_path, mixed_folder) -> None:
+    folder, odd = mixed_folder
+    index_dir = tmp_path / "gallery.idx"
+    assert run("index", "sync", folder, "--index", index_dir, "--threads", "2").exit_code == 0
+    before = snapshot(index_dir)
+    one_line_error(run("index", "add", odd, "--index", index_dir), "caf", "not valid UTF-8")
+    one_line_error(run("index", "add", folder, "--index", index_dir), "caf", "not valid UTF-8")
+    assert snapshot(index_dir) == before
+    kept = run("index", "add", folder, "--index", index_dir, "--skip-errors")
+    assert kept.exit_code == 0, kept.output
+    assert "not valid UTF-8" in kept.stderr and "updated 1" in kept.stdout
+    assert run("index", "verify", "--index", index_dir).exit_code == 0
+
+
+def test_a_folder_name_that_is_not_utf8_is_refused_before_anything_is_written(
+    tmp_path, photos
+) -> None:
+    folder = latin1_path(tmp_path, LATIN1)
+    folder.mkdir()
+    shutil.copy(photos["cat"], folder / "cat.jpg")
+    for command in ("build", "sync"):
+        target = tmp_path / f"{command}.idx"
+        one_line_error(
+            run("index", command, folder, "--index", target), "caf", "folder name", "UTF-8"
+        )
+        assert not target.exists()
