@@ -94,7 +94,9 @@ def _atomic_output(target: Path | None, binary: bool) -> Iterator[io.IOBase]:
             yield sys.stdout
             sys.stdout.flush()
         return
-    text = {} if binary else {"encoding": "utf-8", "newline": ""}
+    # a file name that is not UTF-8 (Latin-1 from an old camera) is written as its own bytes,
+    # as stdout does under a UTF-8 locale, rather than failing the run at its very end
+    text = {} if binary else {"encoding": "utf-8", "errors": "surrogateescape", "newline": ""}
     with atomic_write(target, "wb" if binary else "w", **text) as out:
         yield out
 

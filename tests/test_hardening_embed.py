@@ -1,0 +1,36 @@
+"""`cmn-edge embed` on input a user really has, made for real with Pillow: no mocks."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from cmn_edge.cli import main
+
+
+def run(*args):
+    return CliRunner().invoke(main, [os.fsdecode(a) for a in args], catch_exceptions=False)
+
+
+def test_embed_to_csv_keeps_a_file_name_that_is_not_utf8(tmp_path: Path, photos) -> None:
+    """A Latin-1 name (b"caf\\xe9.jpg") failed the run at its end with an internal error;
+    the CSV now holds the name's own bytes, as the file system has it."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    shutil.copy(photos["cat"], folder / "cat.jpg")
+    odd = os.path.join(os.fsencode(folder), b"caf\xe9.jpg")
+    try:
+        shutil.copy(photos["coffee"], odd)
+    except (OSError, UnicodeEncodeError):
+        pytest.skip("this file system refuses names that are not UTF-8")
+    out = tmp_path / "out.csv"
+    result = run("embed", folder, "--threads", "2", "-o", out)
+    assert result.exit_code == 0, result.output
+    rows = out.read_bytes().splitlines()
+    assert len(rows) == 3
+    assert rows[1].startswith(odd + b",")
+    assert rows[2].startswith(os.fsencode(folder / "cat.jpg") + b",")
