@@ -50,6 +50,7 @@ import csv
 import json
 import shutil
 import sys
+import uuid
 from pathlib import Path
 
 import click
@@ -65,6 +66,7 @@ from .cli_common import (
     user_errors,
 )
 from .embedder import Embedder, list_images
+from .files import publish_folder
 from .index import ConceptIndex, ConceptIndexError, Index, embedder_for_index, is_index_dir
 from .index.rerank import DEFAULT_DEPTH, RERANK_CHOICES
 from .index.sync import NOT_UTF8, check_storable_folder, storable_name
@@ -325,12 +327,17 @@ def build(
     elif index_dir.is_dir() and not is_index_dir(index_dir) and any(index_dir.iterdir()):
         raise CliError(f"{index_dir}: directory is not empty and holds no index")
     created = not index_dir.exists()
+    build_dir = index_dir  # where the new index is made
+    replacing = False
     if resume is None:
         embedder = Embedder(model, precision=precision, threads=threads)
         if force and is_index_dir(index_dir):
-            shutil.rmtree(index_dir)
+            # the old index stays in place until the new one is complete: a build that
+            # fails or is interrupted leaves it as it was
+            replacing, created = True, True
+            build_dir = index_dir.with_name(f".{index_dir.name}.new-{uuid.uuid4().hex[:8]}")
         idx = Index.create(
-            index_dir,
+            build_dir,
             embedder,
             model=model,
             precision=precision,
@@ -351,25 +358,35 @@ def build(
         """A refused build leaves nothing: the directory it made, or what it put in one."""
         idx.close()
         if created:
-            shutil.rmtree(index_dir, ignore_errors=True)
+            shutil.rmtree(build_dir, ignore_errors=True)
         else:
-            for entry in index_dir.iterdir():  # it was empty before this build
+            for entry in build_dir.iterdir():  # it was empty before this build
                 shutil.rmtree(entry) if entry.is_dir() else entry.unlink(missing_ok=True)
 
     try:
         report = _run_sync(idx, folder, batch_size, strict, metadata)
     except BaseException as exc:
         # a refusal (--strict) leaves nothing; an interruption or a full disk leaves what
-        # was committed, for the next build to resume
-        if resume is None and not isinstance(exc, (KeyboardInterrupt, OSError)):
+        # was committed, for the next build to resume (a replacement is not resumed: the
+        # old index is still in place)
+        if replacing or (resume is None and not isinstance(exc, (KeyboardInterrupt, OSError))):
             discard()
         raise
     if not len(idx):
         discard()
         raise CliError(f"{folder}: no readable images (all {len(paths)} were skipped)")
-    result = idx.index.checkpoint(retune=not no_calibrate, compact=True)
-    with idx.index._store.write():
-        idx.index._store.conn.execute("DELETE FROM info WHERE key = 'building'")
+    try:
+        result = idx.index.checkpoint(retune=not no_calibrate, compact=True)
+        with idx.index._store.write():
+            idx.index._store.conn.execute("DELETE FROM info WHERE key = 'building'")
+        count, model_id = len(idx), idx.index.model_id
+        if replacing:
+            idx.close()
+            publish_folder(build_dir, index_dir)
+    except BaseException:
+        if replacing:
+            discard()
+        raise
     calibration = result.get("calibration")
     if calibration and calibration["queries"]:
         click.echo(
@@ -380,7 +397,7 @@ def build(
         )
     if report.skipped:
         _warn(f"{len(report.skipped)} unreadable image(s) left out (listed above)")
-    click.echo(f"indexed {len(idx)} images into {index_dir} ({idx.index.model_id})")
+    click.echo(f"indexed {count} images into {index_dir} ({model_id})")
 
 
 @index.command("sync")

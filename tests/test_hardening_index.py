@@ -34,8 +34,21 @@ def snapshot(folder: Path) -> dict[str, str]:
     return {
         str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
         for p in sorted(folder.rglob("*"))
-        if p.is_file() and not p.name.endswith(("-shm", "-wal"))
+        # SQLite's shared-memory file and an empty write-ahead log hold no content
+        if p.is_file()
+        and not p.name.endswith("-shm")
+        and not (p.name.endswith("-wal") and p.stat().st_size == 0)
     }
+
+
+def contents(index_dir: Path) -> tuple[dict, list[str]]:
+    """What an index holds (its items' stamps) and its files, read through a fresh open."""
+    index = ConceptIndex.load(index_dir)
+    try:
+        files = sorted(p.name for p in index_dir.iterdir() if not p.name.endswith(("-shm", "-wal")))
+        return index.file_stamps(), files
+    finally:
+        index.close()
 
 
 def latin1_path(folder: Path, name: bytes) -> Path:
@@ -115,3 +128,41 @@ def test_a_folder_name_that_is_not_utf8_is_refused_before_anything_is_written(
             run("index", command, folder, "--index", target), "caf", "folder name", "UTF-8"
         )
         assert not target.exists()
+
+
+def test_a_failed_force_build_keeps_the_index_it_would_replace(tmp_path, photos) -> None:
+    """`index build --force` deleted the old index first: a replacement that then failed
+    (nothing readable, or --strict at a bad file) left an empty directory."""
+    good = tmp_path / "good"
+    good.mkdir()
+    for name in ("cat", "coffee"):
+        shutil.copy(photos[name], good / f"{name}.jpg")
+    index_dir = tmp_path / "gallery.idx"
+    assert run("index", "build", good, "--index", index_dir, "--threads", "2").exit_code == 0
+    before = contents(index_dir)
+
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "notes.jpg").write_text("a shopping list, not a photo\n")
+    refused = run("index", "build", bad, "--index", index_dir, "--force")
+    assert refused.exit_code == 1, refused.output
+    assert refused.stderr.splitlines()[-1].endswith("no readable images (all 1 were skipped)")
+    shutil.copy(photos["rocket"], bad / "rocket.jpg")
+    one_line_error(
+        run("index", "build", bad, "--index", index_dir, "--force", "--strict"),
+        "notes.jpg",
+        "not an image",
+    )
+    assert contents(index_dir) == before
+    assert run("index", "verify", "--index", index_dir).exit_code == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad", "gallery.idx", "good"]
+
+    # a replacement that succeeds is the new index, with nothing left beside it
+    (bad / "notes.jpg").unlink()
+    done = run("index", "build", bad, "--index", index_dir, "--force", "--threads", "2")
+    assert done.exit_code == 0, done.output
+    assert "indexed 1 images" in done.stdout
+    assert run("index", "verify", "--index", index_dir).exit_code == 0
+    paths = [str(p) for p in ConceptIndex.load(index_dir).file_stamps()]
+    assert paths == ["rocket.jpg"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad", "gallery.idx", "good"]
