@@ -65,7 +65,7 @@ from .cli_common import (
     query_item_id,
     user_errors,
 )
-from .embedder import Embedder, list_images
+from .embedder import Embedder, check_folder, list_images
 from .files import publish_folder
 from .index import ConceptIndex, ConceptIndexError, Index, embedder_for_index, is_index_dir
 from .index.rerank import DEFAULT_DEPTH, RERANK_CHOICES
@@ -423,8 +423,7 @@ def sync(
     """Bring the index in step with FOLDER: embed new images, re-embed changed ones (size and
     mtime, then content hash), remove vanished ones. Paths are stored relative to FOLDER, so
     a moved folder still matches. Creates the index when --index holds none."""
-    if not Path(folder).is_dir():
-        raise FileNotFoundError(f"{folder}: folder not found")
+    check_folder(folder)
     check_storable_folder(folder)
     metadata = _read_metadata_csv(metadata_csv) if metadata_csv else None
     if is_index_dir(index_dir):

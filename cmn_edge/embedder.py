@@ -286,8 +286,16 @@ def u8u8_rewrite_on(session: ort.InferenceSession) -> bool:
         return False
 
 
-def list_images(folder: str | os.PathLike) -> list[Path]:
+def check_folder(folder: str | os.PathLike) -> None:
+    """A missing folder, or a file given as one, as the one-line error that says which."""
     folder = Path(folder)
     if not folder.is_dir():
+        if folder.exists():
+            raise NotADirectoryError(f"{folder}: is a file, not a folder")
         raise FileNotFoundError(f"{folder}: folder not found")
+
+
+def list_images(folder: str | os.PathLike) -> list[Path]:
+    folder = Path(folder)
+    check_folder(folder)
     return sorted(p for p in folder.rglob("*") if is_image_file(p))

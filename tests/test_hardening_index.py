@@ -166,3 +166,15 @@ def test_a_failed_force_build_keeps_the_index_it_would_replace(tmp_path, photos)
     paths = [str(p) for p in ConceptIndex.load(index_dir).file_stamps()]
     assert paths == ["rocket.jpg"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad", "gallery.idx", "good"]
+
+
+@pytest.mark.parametrize("command", ["build", "sync"])
+def test_a_file_given_as_the_folder_says_so(tmp_path, photos, command) -> None:
+    """The photo given where the folder belongs was reported as 'folder not found'."""
+    target = tmp_path / "new.idx"
+    one_line_error(
+        run("index", command, photos["cat"], "--index", target),
+        str(photos["cat"]),
+        "is a file, not a folder",
+    )
+    assert not target.exists()
