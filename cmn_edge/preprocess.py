@@ -102,6 +102,8 @@ def decode_bytes(data: bytes, source: str, preprocess: Preprocess | None = None)
 
 def _to_rgb(image: Image.Image, source: str) -> Image.Image:
     """Palette, alpha, CMYK, greyscale and 16-bit images all become 8-bit RGB."""
+    if not image.width or not image.height:  # an empty crop or array: nothing to resize
+        raise ImageError(f"{source}: image is empty ({image.width}x{image.height} pixels)")
     if image.mode == "RGB":
         return image
     if image.mode in ("I;16", "I;16B", "I;16L", "I"):

@@ -59,3 +59,21 @@ def test_a_strip_image_matches_resize_then_crop(photos: dict[str, Path]) -> None
     got = np.asarray(pp.resize_and_crop(image, PRE), dtype=int)
     assert got.shape == expected.shape
     assert np.abs(got - expected).max() <= 1
+
+
+@pytest.mark.parametrize(
+    "image",
+    [
+        np.zeros((0, 0, 3), np.uint8),
+        np.zeros((0, 7), np.uint8),
+        np.zeros((4, 0, 4), np.float32),
+        Image.new("RGB", (0, 3)),
+        Image.new("L", (3, 0)),
+    ],
+    ids=["array-0x0", "array-7x0", "array-0x4-rgba", "pil-0x3", "pil-3x0"],
+)
+def test_an_empty_image_is_an_image_error(image) -> None:
+    """An empty crop (a camera's region of interest that missed) raised ZeroDivisionError in
+    the resize: not an ImageError, so skip_errors could not leave it out."""
+    with pytest.raises(pp.ImageError, match=r"image is empty \(\d+x\d+ pixels\)"):
+        pp.load(image, PRE)
