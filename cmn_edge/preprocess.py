@@ -48,7 +48,12 @@ def open_image(source: ImageInput, preprocess: Preprocess | None = None) -> Imag
     later antialiased resize sees nearly the same pixels at a fraction of the decode cost.
     """
     if isinstance(source, Image.Image):
-        return _to_rgb(ImageOps.exif_transpose(source), _describe(source))
+        name = getattr(source, "filename", "") or _describe(source)
+        try:  # an Image.open()ed image decodes only now: it may be truncated or corrupt
+            upright = ImageOps.exif_transpose(source)
+        except (OSError, SyntaxError, ValueError) as exc:
+            raise ImageError(f"{name}: corrupt or truncated image ({exc})") from None
+        return _to_rgb(upright, name)
     if isinstance(source, np.ndarray):
         return _array_to_image(source)
     path = Path(source)

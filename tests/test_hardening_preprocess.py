@@ -77,3 +77,12 @@ def test_an_empty_image_is_an_image_error(image) -> None:
     the resize: not an ImageError, so skip_errors could not leave it out."""
     with pytest.raises(pp.ImageError, match=r"image is empty \(\d+x\d+ pixels\)"):
         pp.load(image, PRE)
+
+
+def test_a_truncated_pil_image_is_an_image_error_naming_its_file() -> None:
+    """``Image.open`` reads only the header: the decode in ``load`` raised a bare OSError."""
+    truncated = Path(__file__).parent / "data" / "truncated.jpg"
+    with Image.open(truncated) as image:
+        with pytest.raises(pp.ImageError, match="corrupt or truncated") as info:
+            pp.load(image, PRE)
+    assert str(info.value).startswith(f"{truncated}: ")
