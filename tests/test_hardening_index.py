@@ -178,3 +178,24 @@ def test_a_file_given_as_the_folder_says_so(tmp_path, photos, command) -> None:
         "is a file, not a folder",
     )
     assert not target.exists()
+
+
+def test_sync_of_an_empty_folder_keeps_the_index(tmp_path, photos) -> None:
+    """An unmounted drive is an empty folder: syncing it removed every item of the index."""
+    folder = tmp_path / "mnt"
+    folder.mkdir()
+    for name in ("cat", "coffee"):
+        shutil.copy(photos[name], folder / f"{name}.jpg")
+    index_dir = tmp_path / "gallery.idx"
+    assert run("index", "sync", folder, "--index", index_dir, "--threads", "2").exit_code == 0
+    before = contents(index_dir)
+    for photo in folder.iterdir():
+        photo.unlink()
+    one_line_error(
+        run("index", "sync", folder, "--index", index_dir),
+        str(folder),
+        "no images found",
+        "would remove all 2 items",
+    )
+    assert contents(index_dir) == before
+    assert run("index", "verify", "--index", index_dir).exit_code == 0
