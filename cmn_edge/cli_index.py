@@ -218,6 +218,14 @@ def _expand(paths: tuple[str, ...]) -> list[Path]:
     return list(seen.values())
 
 
+def _check_dangling(index_dir: Path) -> None:
+    """A symbolic link to nothing as --index: mkdir would say only 'File exists'."""
+    if index_dir.is_symlink() and not index_dir.exists():
+        raise CliError(
+            f"{index_dir}: a symbolic link to {os.readlink(index_dir)}, which does not exist"
+        )
+
+
 def _run_sync(index: Index, folder: Path, batch_size: int, strict: bool, metadata) -> object:
     """sync with a progress bar on stderr; unreadable files listed after it."""
     report = _with_progress(
@@ -310,6 +318,7 @@ def build(
     """
     if index_dir.exists() and not index_dir.is_dir():
         raise CliError(f"{index_dir}: exists and is not a directory")
+    _check_dangling(index_dir)
     paths = list_images(folder)
     if not paths:
         raise CliError(f"{folder}: no images found")
@@ -440,6 +449,7 @@ def sync(
             )
         idx._embedder = _embedder_for(idx.index, model, precision, threads)
     else:
+        _check_dangling(index_dir)
         if index_dir.is_dir() and any(index_dir.iterdir()):
             raise CliError(f"{index_dir}: directory is not empty and holds no index")
         idx = Index.create(

@@ -199,3 +199,17 @@ def test_sync_of_an_empty_folder_keeps_the_index(tmp_path, photos) -> None:
     )
     assert contents(index_dir) == before
     assert run("index", "verify", "--index", index_dir).exit_code == 0
+
+
+@pytest.mark.parametrize("command", ["build", "sync"])
+def test_a_dangling_symlink_as_the_index_says_so(tmp_path, photos, command) -> None:
+    """--index a link to a folder that is gone (an unmounted disk) said only 'File exists'."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    shutil.copy(photos["cat"], folder / "cat.jpg")
+    link = tmp_path / "gallery.idx"
+    link.symlink_to(tmp_path / "gone" / "gallery.idx")
+    one_line_error(
+        run("index", command, folder, "--index", link), str(link), "symbolic link", "not exist"
+    )
+    assert link.is_symlink() and not (tmp_path / "gone").exists()
