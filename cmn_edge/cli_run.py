@@ -91,6 +91,10 @@ def _atomic_output(target: Path | None, binary: bool) -> Iterator[io.IOBase]:
             yield sys.stdout.buffer
             sys.stdout.buffer.flush()
         else:
+            if hasattr(sys.stdout, "reconfigure"):
+                # a file name that is not UTF-8 goes out as its own bytes, as into a file
+                # (a UTF-8 locale's stdout is strict: the run failed half-written)
+                sys.stdout.reconfigure(errors="surrogateescape")
             yield sys.stdout
             sys.stdout.flush()
         return

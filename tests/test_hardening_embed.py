@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,9 +18,8 @@ def run(*args):
     return CliRunner().invoke(main, [os.fsdecode(a) for a in args], catch_exceptions=False)
 
 
-def test_embed_to_csv_keeps_a_file_name_that_is_not_utf8(tmp_path: Path, photos) -> None:
-    """A Latin-1 name (b"caf\\xe9.jpg") failed the run at its end with an internal error;
-    the CSV now holds the name's own bytes, as the file system has it."""
+def latin1_folder(tmp_path: Path, photos) -> tuple[Path, bytes]:
+    """A folder of cat.jpg and b"caf\\xe9.jpg" (Latin-1, not UTF-8), and that name's path."""
     folder = tmp_path / "photos"
     folder.mkdir()
     shutil.copy(photos["cat"], folder / "cat.jpg")
@@ -27,6 +28,13 @@ def test_embed_to_csv_keeps_a_file_name_that_is_not_utf8(tmp_path: Path, photos)
         shutil.copy(photos["coffee"], odd)
     except (OSError, UnicodeEncodeError):
         pytest.skip("this file system refuses names that are not UTF-8")
+    return folder, odd
+
+
+def test_embed_to_csv_keeps_a_file_name_that_is_not_utf8(tmp_path: Path, photos) -> None:
+    """A Latin-1 name (b"caf\\xe9.jpg") failed the run at its end with an internal error;
+    the CSV now holds the name's own bytes, as the file system has it."""
+    folder, odd = latin1_folder(tmp_path, photos)
     out = tmp_path / "out.csv"
     result = run("embed", folder, "--threads", "2", "-o", out)
     assert result.exit_code == 0, result.output
@@ -34,3 +42,21 @@ def test_embed_to_csv_keeps_a_file_name_that_is_not_utf8(tmp_path: Path, photos)
     assert len(rows) == 3
     assert rows[1].startswith(odd + b",")
     assert rows[2].startswith(os.fsencode(folder / "cat.jpg") + b",")
+
+
+def test_embed_csv_to_a_strict_stdout_keeps_a_file_name_that_is_not_utf8(
+    tmp_path: Path, photos
+) -> None:
+    """Under a UTF-8 locale (en_US.UTF-8; here PYTHONIOENCODING) stdout is strict: the CSV
+    stopped half-written at the Latin-1 name with an internal error."""
+    folder, odd = latin1_folder(tmp_path, photos)
+    result = subprocess.run(
+        [sys.executable, "-c", "from cmn_edge.cli import main; main()", "embed", folder]
+        + ["--format", "csv", "--threads", "2"],
+        capture_output=True,
+        env={**os.environ, "PYTHONIOENCODING": "utf-8"},
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr.decode(errors="replace")
+    rows = result.stdout.splitlines()
+    assert len(rows) == 3 and rows[1].startswith(odd + b",")
