@@ -86,3 +86,19 @@ def test_a_truncated_pil_image_is_an_image_error_naming_its_file() -> None:
         with pytest.raises(pp.ImageError, match="corrupt or truncated") as info:
             pp.load(image, PRE)
     assert str(info.value).startswith(f"{truncated}: ")
+
+
+def test_the_pixel_limit_is_on_the_pixels_decoded(tmp_path: Path, monkeypatch) -> None:
+    """A JPEG decoded at reduced scale (draft mode) was refused for its full size: a 108 MP
+    phone photo (12000x9000) never got embedded, though it decodes as 1500x1125. Made here
+    at a lowered limit: the same JPEG is refused only where it is decoded whole."""
+    photo = tmp_path / "phone.jpg"
+    Image.new("RGB", (2400, 1800), (120, 80, 60)).save(photo, quality=80)
+    png = tmp_path / "phone.png"
+    Image.new("RGB", (2400, 1800), (120, 80, 60)).save(png)
+    monkeypatch.setattr(pp, "MAX_PIXELS", 2400 * 1800 - 1)
+    assert pp.open_image(photo, PRE).size == (1200, 900)  # drafted to 1/2
+    assert pp.load(photo, PRE).shape == (3, PRE.input_size, PRE.input_size)
+    for whole in (lambda: pp.open_image(photo), lambda: pp.load(png, PRE)):
+        with pytest.raises(pp.ImageError, match="2400x1800, above the"):
+            whole()
