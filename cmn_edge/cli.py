@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 
 import click
 
@@ -30,6 +31,10 @@ def _set_decode_workers(_ctx: click.Context, _param: click.Parameter, value: int
 )
 def main() -> None:
     """Interpretable, controllable image retrieval with Concept Metrics Networks."""
+    # Pillow's warnings on a file's damaged metadata (corrupt EXIF, a short palette) name
+    # neither the file nor a consequence, two lines each: the decode goes on, or fails with
+    # the one line that names the file
+    warnings.filterwarnings("ignore", category=UserWarning, module="PIL")
 
 
 def _register() -> None:

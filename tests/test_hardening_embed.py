@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -60,3 +61,34 @@ def test_embed_csv_to_a_strict_stdout_keeps_a_file_name_that_is_not_utf8(
     assert result.returncode == 0, result.stderr.decode(errors="replace")
     rows = result.stdout.splitlines()
     assert len(rows) == 3 and rows[1].startswith(odd + b",")
+
+
+def damaged_exif_jpeg(path: Path, photos) -> Path:
+    """A JPEG whose EXIF orientation tag claims 2,000 bytes past the end of its block."""
+    from PIL import Image
+
+    ifd = struct.pack("<HHHII", 1, 0x0112, 3, 1000, 0x7000) + struct.pack("<I", 0)
+    exif = b"Exif\x00\x00" + b"II*\x00" + struct.pack("<I", 8) + ifd
+    Image.open(photos["cat"]).convert("RGB").resize((64, 48)).save(path, exif=exif)
+    return path
+
+
+def test_damaged_exif_adds_no_pillow_warnings_to_stderr(tmp_path: Path, photos) -> None:
+    """Pillow's 'Tag data larger than file' came out as two lines naming a file of Pillow's
+    own: noise on a run that succeeds, and three lines where one was due when it fails."""
+    good = damaged_exif_jpeg(tmp_path / "exif.jpg", photos)
+    truncated = tmp_path / "exif-truncated.jpg"
+    data = good.read_bytes()
+    truncated.write_bytes(data[: len(data) * 2 // 3])
+    cmn_edge = [sys.executable, "-c", "from cmn_edge.cli import main; main()"]
+
+    ok = subprocess.run(
+        [*cmn_edge, "embed", str(good), "--threads", "2"], capture_output=True, text=True
+    )
+    assert ok.returncode == 0 and ok.stderr == "", ok.stderr
+    failed = subprocess.run(
+        [*cmn_edge, "embed", str(truncated), "--threads", "2"], capture_output=True, text=True
+    )
+    assert failed.returncode == 1
+    assert failed.stderr.startswith(f"error: {truncated}: corrupt or truncated image")
+    assert failed.stderr.count("\n") == 1, failed.stderr
