@@ -346,7 +346,8 @@ def build(
             # the old index stays in place until the new one is complete: a build that
             # fails or is interrupted leaves it as it was
             replacing, created = True, True
-            build_dir = index_dir.with_name(f".{index_dir.name}.new-{uuid.uuid4().hex[:8]}")
+            target = index_dir.resolve()  # `--index .` has no name to put a sibling beside
+            build_dir = target.with_name(f".{target.name}.new-{uuid.uuid4().hex[:8]}")
         idx = Index.create(
             build_dir,
             embedder,
@@ -393,7 +394,7 @@ def build(
         count, model_id = len(idx), idx.index.model_id
         if replacing:
             idx.close()
-            publish_folder(build_dir, index_dir)
+            publish_folder(build_dir, target)
     except BaseException:
         if replacing:
             discard()

@@ -213,3 +213,20 @@ def test_a_dangling_symlink_as_the_index_says_so(tmp_path, photos, command) -> N
         run("index", command, folder, "--index", link), str(link), "symbolic link", "not exist"
     )
     assert link.is_symlink() and not (tmp_path / "gone").exists()
+
+
+def test_force_build_replaces_the_index_in_the_current_directory(
+    tmp_path, photos, monkeypatch
+) -> None:
+    """`--index .` from inside the index: the replacement is built beside it all the same."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    shutil.copy(photos["cat"], folder / "cat.jpg")
+    index_dir = tmp_path / "gallery.idx"
+    assert run("index", "build", folder, "--index", index_dir, "--threads", "2").exit_code == 0
+    shutil.copy(photos["rocket"], folder / "rocket.jpg")
+    monkeypatch.chdir(index_dir)
+    done = run("index", "build", folder, "--index", ".", "--force", "--threads", "2")
+    assert done.exit_code == 0, done.output
+    assert sorted(ConceptIndex.load(index_dir).file_stamps()) == ["cat.jpg", "rocket.jpg"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gallery.idx", "photos"]
