@@ -3,12 +3,12 @@ encoding than UTF-8 (a Latin-1 name from an old camera, a zip or a Windows share
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 from pathlib import Path
 
 import pytest
+from cli_checks import one_line_error, snapshot
 from click.testing import CliRunner
 
 from cmn_edge.cli import main
@@ -19,26 +19,6 @@ LATIN1 = b"caf\xe9"  # "café" in Latin-1: not UTF-8, Python keeps it as a lone 
 
 def run(*args):
     return CliRunner().invoke(main, [os.fsdecode(a) for a in args], catch_exceptions=False)
-
-
-def one_line_error(result, *needles: str) -> str:
-    assert result.exit_code == 1, result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    for needle in needles:
-        assert needle in lines[0], (needle, lines[0])
-    return lines[0]
-
-
-def snapshot(folder: Path) -> dict[str, str]:
-    return {
-        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(folder.rglob("*"))
-        # SQLite's shared-memory file and an empty write-ahead log hold no content
-        if p.is_file()
-        and not p.name.endswith("-shm")
-        and not (p.name.endswith("-wal") and p.stat().st_size == 0)
-    }
 
 
 def contents(index_dir: Path) -> tuple[dict, list[str]]:
@@ -130,15 +110,21 @@ def test_a_folder_name_that_is_not_utf8_is_refused_before_anything_is_written(
         assert not target.exists()
 
 
+def two_photo_index(tmp_path: Path, photos, folder_name: str, command: str) -> tuple[Path, Path]:
+    """A folder of two photos and an index made of it by ``index build`` or ``index sync``."""
+    folder = tmp_path / folder_name
+    folder.mkdir()
+    for name in ("cat", "coffee"):
+        shutil.copy(photos[name], folder / f"{name}.jpg")
+    index_dir = tmp_path / "gallery.idx"
+    assert run("index", command, folder, "--index", index_dir, "--threads", "2").exit_code == 0
+    return folder, index_dir
+
+
 def test_a_failed_force_build_keeps_the_index_it_would_replace(tmp_path, photos) -> None:
     """`index build --force` deleted the old index first: a replacement that then failed
     (nothing readable, or --strict at a bad file) left an empty directory."""
-    good = tmp_path / "good"
-    good.mkdir()
-    for name in ("cat", "coffee"):
-        shutil.copy(photos[name], good / f"{name}.jpg")
-    index_dir = tmp_path / "gallery.idx"
-    assert run("index", "build", good, "--index", index_dir, "--threads", "2").exit_code == 0
+    _, index_dir = two_photo_index(tmp_path, photos, "good", "build")
     before = contents(index_dir)
 
     bad = tmp_path / "bad"
@@ -182,12 +168,7 @@ def test_a_file_given_as_the_folder_says_so(tmp_path, photos, command) -> None:
 
 def test_sync_of_an_empty_folder_keeps_the_index(tmp_path, photos) -> None:
     """An unmounted drive is an empty folder: syncing it removed every item of the index."""
-    folder = tmp_path / "mnt"
-    folder.mkdir()
-    for name in ("cat", "coffee"):
-        shutil.copy(photos[name], folder / f"{name}.jpg")
-    index_dir = tmp_path / "gallery.idx"
-    assert run("index", "sync", folder, "--index", index_dir, "--threads", "2").exit_code == 0
+    folder, index_dir = two_photo_index(tmp_path, photos, "mnt", "sync")
     before = contents(index_dir)
     for photo in folder.iterdir():
         photo.unlink()

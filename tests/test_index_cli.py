@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import signal
@@ -13,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from cli_checks import snapshot
 from click.testing import CliRunner
 
 from cmn_edge.cli import main
@@ -23,21 +23,6 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def run(*args: str):
     return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
-
-
-def snapshot(folder: Path) -> dict[str, str]:
-    """Every file under an index directory and its sha256."""
-    if not folder.exists():
-        return {}
-    return {
-        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(folder.rglob("*"))
-        if p.is_file()
-        # SQLite's shared-memory file, and an empty write-ahead log, are how a reader opens
-        # a WAL database: no content
-        and not p.name.endswith("-shm")
-        and not (p.name.endswith("-wal") and p.stat().st_size == 0)
-    }
 
 
 def assert_one_line_error(result, *needles: str) -> None:
