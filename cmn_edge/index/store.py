@@ -79,6 +79,15 @@ def new_state() -> dict:
     return {"seq": 0, "next_id": 0, "count": 0, "tail": 0, "tuned_at": 0, "fitted_at": 0}
 
 
+def _read_only_mount(path: Path) -> bool:
+    """Whether ``path`` is on a file system mounted read-only (root can write anywhere else,
+    so ``os.access`` alone cannot tell)."""
+    try:
+        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except (OSError, AttributeError):  # no statvfs on Windows
+        return False
+
+
 @dataclass(frozen=True)
 class Checkpoint:
     """The record of the last graph checkpoint (gen 0: none yet, everything is tail)."""
@@ -168,10 +177,18 @@ class Store:
                 "`cmn-edge index build`"
             )
         try:
-            conn = cls._connect(f"file:{db}?mode=rw", uri=True)
-            store = cls(conn, root)
-            store._pragmas()
-            fmt = store.get_info("format")
+            store = None
+            try:
+                store = cls(cls._connect(f"file:{db}?mode=rw", uri=True), root)
+                store._pragmas()
+                fmt = store.get_info("format")
+            except sqlite3.OperationalError:
+                if os.access(root, os.W_OK) and not _read_only_mount(root):
+                    raise
+                if store is not None:
+                    store.close()
+                store = cls._open_read_only(db, root)
+                fmt = store.get_info("format")
             version = store.get_info("format_version")
         except sqlite3.DatabaseError as exc:
             raise IndexCorruptError(f"{db}: not a readable index database ({exc})") from None
@@ -183,6 +200,23 @@ class Store:
                 f"{FORMAT_VERSION}); rebuild the index"
             )
         return store
+
+    @classmethod
+    def _open_read_only(cls, db: Path, root: Path) -> Store:
+        """An index on read-only media (a kiosk's mounted gallery): SQLite cannot create the
+        WAL's shared-memory file there, so it is opened immutable, which needs none. Nothing
+        can change it meanwhile, so searches are exact; any write is refused by SQLite and
+        reported as a read-only error."""
+        wal = db.with_name(db.name + "-wal")
+        if wal.exists() and wal.stat().st_size > 0:
+            # immutable ignores the WAL: commits not yet copied into the database would be
+            # silently missing
+            raise IndexCorruptError(
+                f"{wal}: the index on this read-only file system has commits still in its "
+                "write-ahead log; open it once where it is writable (or run `cmn-edge index "
+                "optimize` there) before mounting it read-only"
+            )
+        return cls(cls._connect(f"file:{db}?mode=ro&immutable=1", uri=True), root)
 
     def _pragmas(self) -> None:
         self.conn.execute("PRAGMA journal_mode=WAL")
