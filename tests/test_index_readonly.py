@@ -25,9 +25,10 @@ def run(*args):
 
 def _writable_tree(folder: Path, writable: bool) -> None:
     for path in [folder, *folder.rglob("*")]:
-        path.chmod(0o755 if writable else 0o555) if path.is_dir() else path.chmod(
-            0o644 if writable else 0o444
-        )
+        if path.is_dir():
+            path.chmod(0o755 if writable else 0o555)
+        else:
+            path.chmod(0o644 if writable else 0o444)
 
 
 @pytest.fixture
