@@ -57,7 +57,20 @@ class CalibrateMixin:
         random fraction of the parts (concepts, or a DGML's groups), scored both as masked
         inner product and renormalised. Galleries small enough for brute force need none of
         this.
+
+        What is tuned is the walk's depth: the projected scan (:mod:`.scan`) that a deep
+        query may take instead ranks every row in the graph's space, so it finds at least
+        what a walk of the same depth does; it is off while tuning.
         """
+        walk_only, self._walk_only = self._walk_only, True
+        try:
+            return self._calibrate_walk(
+                target, k, queries, sample, seed, mask_fractions, exclude_own
+            )
+        finally:
+            self._walk_only = walk_only
+
+    def _calibrate_walk(self, target, k, queries, sample, seed, mask_fractions, exclude_own):
         rng = np.random.default_rng(seed)
         ids = np.asarray(self.ids)
         if len(ids) <= max(self.exact_below, k + 1):

@@ -31,6 +31,7 @@ from .persistence import PersistenceMixin
 from .plan import ConceptRef, Plan, PlanMixin, check_concept_name
 from .regions import RegionsMixin
 from .rerank import DEFAULT_DEPTH, check_rerank, structural_rerank
+from .scan import Costs
 from .search import SearchMixin
 from .store import (
     DB_FILE,
@@ -167,6 +168,10 @@ class ConceptIndex(
         #: an on-disk index checkpoints (and re-tunes) by itself; bulk loads turn it off
         self.auto_checkpoint = True
         self._lock = RWLock()
+        #: this process's timings of walks and scans (which path a deep query takes)
+        self._costs = Costs()
+        #: calibration tunes the walk's depth: it turns the projected scan off meanwhile
+        self._walk_only = False
         self._capacity = max(16, int(capacity))
         if _store is None:
             self.path: Path | None = None

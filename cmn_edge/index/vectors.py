@@ -8,8 +8,10 @@ the file in that same order, so numbers never change until a compaction.
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
+from collections.abc import Iterator
 
 import numpy as np
 
@@ -31,6 +33,25 @@ def map_rows(path: str | os.PathLike, rows: int, num_concepts: int) -> np.ndarra
     if hasattr(mapping, "madvise") and hasattr(mmap, "MADV_RANDOM"):  # not on Windows
         mapping.madvise(mmap.MADV_RANDOM)
     return np.frombuffer(mapping, dtype=np.float32).reshape(rows, num_concepts)
+
+
+@contextlib.contextmanager
+def sequential(array: np.ndarray) -> Iterator[None]:
+    """Advise a mapped array as read in order while a pass reads every row: under the
+    random-access advice above each page fault reads 4 KB, and a pass over 100k rows from a
+    cold disk took 2.3 s."""
+    owner = array
+    while isinstance(owner, np.ndarray):
+        owner = owner.base
+    mapping = getattr(owner, "obj", None) if isinstance(owner, memoryview) else None
+    if not isinstance(mapping, mmap.mmap) or not hasattr(mmap, "MADV_SEQUENTIAL"):
+        yield
+        return
+    mapping.madvise(mmap.MADV_SEQUENTIAL)
+    try:
+        yield
+    finally:
+        mapping.madvise(mmap.MADV_RANDOM)
 
 
 class VectorRows:
@@ -94,4 +115,4 @@ class VectorRows:
         return self.extra[: self.n_extra]
 
 
-__all__ = ["VectorRows"]
+__all__ = ["VectorRows", "map_rows", "sequential"]

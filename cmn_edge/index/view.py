@@ -18,6 +18,7 @@ from . import items as db_items
 from .errors import ConceptIndexError, IndexCorruptError
 from .graph import Graph
 from .projection import Projection
+from .scan import ProjectedRows
 from .store import (
     EMPTY_CHECKPOINT,
     Checkpoint,
@@ -53,6 +54,7 @@ class ViewMixin:
         self._tail_cache: np.ndarray | None = None
         self._graph: Graph | None = None
         self._projection: Projection | None = None
+        self._scan: ProjectedRows | None = None  # built on demand (search.py)
         self._colmax2 = np.zeros(self.num_concepts, dtype=np.float32)
         self._concept_names: dict[int, str] = {}
         self._seq = 0
