@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import linecache
 import os
+import select
 import sys
 import traceback
 from collections.abc import Mapping
@@ -111,6 +112,17 @@ def _program() -> str:
     return name or "cmn-edge"
 
 
+def _stdout_closed() -> bool:
+    """Whether standard output is a pipe whose reader has gone (poll reports an error on
+    its write end); where that cannot be asked, a broken pipe is taken to be stdout."""
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(event & select.POLLERR for _, event in poller.poll(0))
+    except (AttributeError, OSError, ValueError):  # no poll (Windows), no stdout
+        return True
+
+
 def user_errors(func):
     """User errors -> ``error: <file>: <reason>``, exit 1; bugs -> a pointer to ``--debug``."""
 
@@ -123,6 +135,13 @@ def user_errors(func):
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             sys.exit(130)
+        except BrokenPipeError as exc:
+            if not _stdout_closed():
+                raise CliError(error_message(exc)) from None  # a socket, not the reader
+            # the reader went away (`| head`): stop quietly, as cat does, with SIGPIPE's
+            # status; stdout goes to /dev/null so the exit's flush cannot fail again
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            sys.exit(128 + 13)
         except Exception as exc:
             if debug_enabled():
                 traceback.print_exception(exc, file=sys.stderr)

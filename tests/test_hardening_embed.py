@@ -92,3 +92,13 @@ def test_damaged_exif_adds_no_pillow_warnings_to_stderr(tmp_path: Path, photos) 
     assert failed.returncode == 1
     assert failed.stderr.startswith(f"error: {truncated}: corrupt or truncated image")
     assert failed.stderr.count("\n") == 1, failed.stderr
+
+
+def test_a_reader_that_goes_away_ends_the_command_quietly(photos):
+    """`cmn-edge embed ... | head`: no "error: Broken pipe" line, SIGPIPE's status."""
+    program = "from cmn_edge.cli import main; main()"
+    command = [sys.executable, "-c", program, "embed", str(photos["cat"])]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    process.stdout.close()  # the reader is gone before anything is written
+    stderr = process.stderr.read()
+    assert process.wait() == 141 and stderr == b""
