@@ -87,12 +87,11 @@ class ProjectedRows:
             if total > len(array):
                 array = np.zeros((max(total, len(array) * 5 // 4), array.shape[1]), np.float32)
                 array[: self.rows] = self.array[: self.rows]
-            matrix_t = self.projection.matrix.T
             for first, segment in rows.segments():
                 with sequential(segment):
                     for s in range(max(self.rows - first, 0), len(segment), BUILD_CHUNK):
                         block = segment[s : s + BUILD_CHUNK]
-                        np.matmul(block, matrix_t, out=array[first + s : first + s + len(block)])
+                        array[first + s : first + s + len(block)] = self.projection.to_graph(block)
             self.array, self.rows = array, total
 
     def dead_rows(self, row_ids: np.ndarray, live: int) -> np.ndarray:
