@@ -11,7 +11,7 @@ import pytest
 from test_index import DIM, MASKS, brute, clustered, weight_vector
 
 from cmn_edge.index import ConceptIndex
-from cmn_edge.index.scan import SCAN_AFTER, _best
+from cmn_edge.index.scan import CODE_MAX, SCAN_AFTER, _best, _session
 
 GRAPH_DIMS = 32
 
@@ -123,7 +123,46 @@ def test_the_scan_reads_the_tail_of_an_on_disk_index_and_follows_new_rows(tmp_pa
     assert ids[0] == 3050 and idx._scan.rows == 3100
     rows = idx._rows.gather(np.arange(3100))
     projected = rows @ idx._projection.matrix.T
-    np.testing.assert_allclose(idx._scan.array[:3100], projected, atol=1e-5)
+    coded = idx._scan.coded
+    high = coded.low + 2 * CODE_MAX * coded.step  # rows appended later are clipped to it
+    decoded = (coded.codes[:, :3100].T.astype(np.float32) + CODE_MAX) * coded.step + coded.low
+    error = np.abs(decoded - np.clip(projected, coded.low, high))
+    assert (error <= coded.step / 2 + 1e-6).all()
+    assert not coded.codes[:, 3100:].any()  # the spare columns score zero
+
+
+def test_the_codes_are_fitted_again_when_the_rows_have_doubled(gallery):
+    idx = reduced(gallery[:1000])
+    served(idx)
+    walks_cost_a_lot(idx)
+    masked = {"exclude": list(range(0, DIM, 2))}
+    idx.search_ids(gallery[0], 10, **masked)
+    first = idx._scan.coded
+    assert first.fitted_rows == 1000 and first.capacity == 1000 + 1000 // 8
+    idx.add(gallery[1000:1100], num_threads=1)
+    idx.search_ids(gallery[0], 10, **masked)
+    assert idx._scan.coded.codes is first.codes  # coded in the spare columns, in place
+    idx.add(gallery[1100:2000], num_threads=1)
+    ids, _ = idx.search_ids(gallery[1500], 1, **masked)
+    assert ids[0] == 1500 and idx._scan.coded.fitted_rows == 2000
+
+
+def test_the_int8_scan_is_exact_at_the_codes_extremes():
+    """The case that saturates 16-bit pair sums on x86 without VNNI (cmn_edge.cpu): every
+    query code 255 or 1, every row code +-CODE_MAX, so onnxruntime must give numpy's
+    integers on every CPU."""
+    rng = np.random.default_rng(5)
+    codes = rng.choice([-CODE_MAX, CODE_MAX], size=(64, 3000)).astype(np.int8)
+    query = rng.choice([1, 255], size=(1, 64)).astype(np.uint8)
+    got = _session().run(None, {"query": query, "codes": codes})[0]
+    want = query.astype(np.int64) @ codes.astype(np.int64)
+    np.testing.assert_array_equal(got, want)
+
+
+def test_the_shipped_scan_graph_is_the_one_export_builds():
+    from cmn_export.scan_graph import SHIPPED, build
+
+    assert SHIPPED.read_bytes() == build(), "run python -m cmn_export.scan_graph"
 
 
 def test_calibration_tunes_the_walk_and_leaves_the_scan_off(gallery, queries):

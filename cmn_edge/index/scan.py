@@ -2,20 +2,25 @@
 would be deeper than reading them all.
 
 A walk's cost grows with its depth (a cache miss per visited node: 1.5-3 us per unit of ef
-at 100k items on a 2-core AVX-512 Xeon), while scoring a contiguous ``[rows, d]`` copy is
-one matrix-vector product at memory speed (about 6 ns a row at d=64 there, the selection
-included). How the two compare moves with the CPU's caches, so both are timed as searches
+at 100k items on 2-core AVX-512 machines), while scoring a contiguous copy of every row is
+one pass at memory speed. The copy holds 7-bit codes of the rows (:class:`ProjectedRows`),
+64 bytes a row at d=64, scored by onnxruntime's INT8 GEMM: about 1.5 ns a row on a 2-core
+AVX-512 VNNI EPYC, selection included, against 5-6 ns for a float32 copy. How a scan and a
+walk compare moves with the CPU's caches and INT8 kernels, so both are timed as searches
 run (:class:`Costs`).
 A heavily masked query needs a walk several times the plain depth, so past a crossover the
-scan is faster; and since it ranks *every* row in the reduced space exactly, its top ``ef``
-holds at least what a walk of depth ``ef`` finds, so the exact re-rank behind it loses no
-recall. The copy costs ``4 d`` bytes a row in memory (25.6 MB at 100k, d=64) and is built
-from the stored vectors on first use in a process that has served :data:`SCAN_AFTER`
-searches, so a one-shot search never pays for it.
+scan is faster; and since it ranks *every* row in the reduced space (to within the codes'
+rounding), its top ``ef`` holds about what a walk of depth ``ef`` finds, and the exact
+re-rank behind it scores them exactly. The copy costs ``d`` bytes a row in memory (6.4 MB
+at 100k, d=64) and is built from the stored vectors on first use in a process that has
+served :data:`SCAN_AFTER` searches, so a one-shot search never pays for it.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import importlib.resources
 import threading
 import time
 from collections.abc import Callable
@@ -30,15 +35,31 @@ from .vectors import VectorRows, sequential
 #: from the page cache, on a 2-core AVX-512 Xeon).
 SCAN_AFTER = 10
 #: Seconds per unit of walk depth and per scanned row before this process has timed any
-#: (a 2-core Xeon at 100k items, d=64): both are then followed as the searches run.
+#: (2-core AVX-512 machines at 100k items, d=64): both are then followed as the searches
+#: run. The scan's is the low end of what was measured: a scan is timed only when it is
+#: taken, so a guess too high would never be corrected, one too low is after a few scans.
 DEFAULT_WALK_PER_EF = 1.5e-6
-DEFAULT_SCAN_PER_ROW = 6.5e-9
+DEFAULT_SCAN_PER_ROW = 1.5e-9
 #: Weight of the newest timing in the running averages.
 SMOOTHING = 0.05
 #: The top of a scan is found past a threshold read off every SAMPLE_STRIDE-th score.
 SAMPLE_STRIDE = 64
 #: Rows projected at a time when the copy is built (bounds the temporary memory).
 BUILD_CHUNK = 16384
+#: The copy reserves an eighth more columns than it holds, so appended rows are coded in
+#: place; the scan reads the spare columns too (they score zero), at most 1/8 more work.
+GROWTH_DIVISOR = 8
+#: Codes span +-CODE_MAX: on x86 without VNNI onnxruntime's U8S8 kernel adds pairs of u8 x s8
+#: products in 16-bit lanes with saturation (:mod:`cmn_edge.cpu`), and 2 x 255 x 63 = 32130
+#: stays below 32767, so every CPU computes the same exact integer scores.
+CODE_MAX = 63
+#: The query is coded as QUERY_OFFSET + round(QUERY_MAX * value / peak): a u8 in 1..255.
+QUERY_MAX = 127
+QUERY_OFFSET = 128
+#: The coded score of a row the scan must leave out: below any real one (|score| < 2**20).
+SKIPPED = np.iinfo(np.int32).min + 1
+#: The one-MatMulInteger graph, package data (built by ``cmn_export.scan_graph``).
+SCAN_GRAPH = "scan_int8.onnx"
 
 
 class Costs:
@@ -61,9 +82,19 @@ class Costs:
 
 
 class ProjectedRows:
-    """The stored vectors under one projection, a contiguous float32 ``[rows, d]``, kept in
-    step as rows are appended (rows are never renumbered within a checkpoint generation; a
-    new generation starts a new view, and with it a new copy).
+    """The stored vectors under one projection, as 7-bit codes ``[d, capacity]`` (rows
+    transposed, unused columns zero), kept in step as rows are appended (rows are never
+    renumbered within a checkpoint generation; a new generation starts a new view, and
+    with it a new copy).
+
+    Codes, not float32: the float32 copy's matrix-vector pass read 256 bytes a row and was
+    bound by memory (0.53-0.64 ms at 100k rows, d=64, on 2-core AVX-512 machines); 64 bytes
+    a row through onnxruntime's INT8 GEMM took 0.08-0.15 ms. Each dimension is coded
+    between the least and the greatest value the rows had when the codes were fitted (a
+    per-dimension offset adds the same to every row's score, so it drops out of the order);
+    the order is therefore approximate, and the re-rank behind the scan scores its ``fetch``
+    rows exactly. Rows appended later are clipped to that range until the rows have
+    doubled, when the codes are fitted again.
 
     One pass over all ``d`` directions, not a coarse pass over the leading half and a
     second over the best few: on a gallery whose spectrum is flat (the tests' clustered
@@ -72,27 +103,48 @@ class ProjectedRows:
 
     def __init__(self, projection: Projection) -> None:
         self.projection = projection
-        self.array = np.zeros((0, projection.dims), dtype=np.float32)
-        self.rows = 0
+        self.coded = _Codes.empty(projection.dims, 0)
         self._dead: tuple[tuple[int, int], np.ndarray] = ((-1, -1), np.zeros(0, np.int64))
         self._growing = threading.Lock()  # readers share a view: one of them extends it
 
+    @property
+    def rows(self) -> int:
+        return self.coded.rows
+
     def follow(self, rows: VectorRows) -> None:
-        """Project the rows appended since the last call."""
+        """Code the rows appended since the last call (all of them when the rows have
+        doubled since the codes were fitted). A scan under way keeps the codes it read:
+        new ones are published whole, by one assignment."""
         if len(rows) <= self.rows:
             return
         with self._growing:
-            total = len(rows)
-            array = self.array
-            if total > len(array):
-                array = np.zeros((max(total, len(array) * 5 // 4), array.shape[1]), np.float32)
-                array[: self.rows] = self.array[: self.rows]
+            total, coded = len(rows), self.coded
+            if total >= 2 * coded.fitted_rows:
+                coded = self._fit(rows, total + total // GROWTH_DIVISOR)
+            elif total > coded.capacity:
+                coded = coded.reserve(total + total // GROWTH_DIVISOR)
             for first, segment in rows.segments():
                 with sequential(segment):
-                    for s in range(max(self.rows - first, 0), len(segment), BUILD_CHUNK):
+                    for s in range(max(coded.rows - first, 0), len(segment), BUILD_CHUNK):
                         block = segment[s : s + BUILD_CHUNK]
-                        array[first + s : first + s + len(block)] = self.projection.to_graph(block)
-            self.array, self.rows = array, total
+                        coded.write(first + s, self.projection.to_graph(block))
+            self.coded = dataclasses.replace(coded, rows=total)
+
+    def _fit(self, rows: VectorRows, capacity: int) -> _Codes:
+        """Empty codes over the range of every dimension in all rows: a pass of its own,
+        so no row read later in the coding pass is clipped."""
+        low = np.full(self.projection.dims, np.inf, np.float32)
+        high = np.full(self.projection.dims, -np.inf, np.float32)
+        for _first, segment in rows.segments():
+            with sequential(segment):
+                for s in range(0, len(segment), BUILD_CHUNK):
+                    graph = self.projection.to_graph(segment[s : s + BUILD_CHUNK])
+                    low = np.minimum(low, graph.min(axis=0))
+                    high = np.maximum(high, graph.max(axis=0))
+        step = (np.maximum(high - low, 1e-12) / (2 * CODE_MAX)).astype(np.float32)
+        return dataclasses.replace(
+            _Codes.empty(self.projection.dims, capacity), low=low, step=step, fitted_rows=len(rows)
+        )
 
     def dead_rows(self, row_ids: np.ndarray, live: int) -> np.ndarray:
         """Rows whose item was removed or re-embedded since the checkpoint. Within a
@@ -108,15 +160,21 @@ class ProjectedRows:
     def ranking(
         self, query: np.ndarray, skip: np.ndarray, costs: Costs
     ) -> Callable[[int], np.ndarray]:
-        """``top(fetch)``: rows of the ``fetch`` best reduced-space scores of ``query``
-        (already projected), best first, leaving out the rows ``skip``. The scan runs once;
-        a deeper ``top`` (a renormalised query fetching more) reuses it."""
-        rows = self.rows
+        """``top(fetch)``: rows of the ``fetch`` best coded scores of ``query`` (already
+        projected), best first, leaving out the rows ``skip``. The scan runs once; a deeper
+        ``top`` (a renormalised query fetching more) reuses it."""
+        coded = self.coded
+        rows = coded.rows
         start = time.perf_counter()
-        scores = self.array[:rows] @ query
+        weighted = query * coded.step  # the score's part that differs between rows
+        peak = float(np.abs(weighted).max())
+        scale = QUERY_MAX / peak if peak > 0 else 0.0
+        query_codes = (np.rint(weighted * scale) + QUERY_OFFSET).astype(np.uint8)[None, :]
+        raw = _session().run(None, {"query": query_codes, "codes": coded.codes})[0][0, :rows]
+        scores = raw - coded.offsets[:rows]
         costs.scanned(rows, time.perf_counter() - start)
         if len(skip):
-            scores[skip] = -np.inf
+            scores[skip] = SKIPPED
 
         def top(fetch: int) -> np.ndarray:
             fetch = min(int(fetch), rows - len(skip))
@@ -126,6 +184,58 @@ class ProjectedRows:
             return best[np.argsort(-scores[best], kind="stable")].astype(np.int64)
 
         return top
+
+
+@dataclasses.dataclass(frozen=True)
+class _Codes:
+    """One published state of the copy. ``codes[:, :rows]`` are the rows, the columns past
+    them are zero (rows appended later are written there in place: no scan reads them
+    before ``rows`` is raised in a new state)."""
+
+    codes: np.ndarray  # int8 [d, capacity]
+    #: QUERY_OFFSET x the sum of each row's codes: the scan graph has no zero point, so the
+    #: query's offset is taken off the scores with these
+    offsets: np.ndarray  # int32 [capacity]
+    low: np.ndarray  # float32 [d]: the value coded -CODE_MAX
+    step: np.ndarray  # float32 [d]: one code
+    rows: int = 0
+    fitted_rows: int = 0
+
+    @classmethod
+    def empty(cls, dims: int, capacity: int) -> _Codes:
+        return cls(
+            np.zeros((dims, capacity), np.int8),
+            np.zeros(capacity, np.int32),
+            np.zeros(dims, np.float32),
+            np.ones(dims, np.float32),
+        )
+
+    @property
+    def capacity(self) -> int:
+        return int(self.codes.shape[1])
+
+    def reserve(self, capacity: int) -> _Codes:
+        grown = _Codes.empty(len(self.low), capacity)
+        grown.codes[:, : self.rows] = self.codes[:, : self.rows]
+        grown.offsets[: self.rows] = self.offsets[: self.rows]
+        return dataclasses.replace(self, codes=grown.codes, offsets=grown.offsets)
+
+    def write(self, first: int, graph: np.ndarray) -> None:
+        codes = np.rint((graph - self.low) / self.step) - CODE_MAX
+        codes = np.clip(codes, -CODE_MAX, CODE_MAX).astype(np.int8)
+        self.codes[:, first : first + len(codes)] = codes.T
+        self.offsets[first : first + len(codes)] = QUERY_OFFSET * codes.sum(axis=1, dtype=np.int32)
+
+
+@functools.cache
+def _session():
+    """The scan graph's session, one a process (onnxruntime's ``run`` is thread-safe)."""
+    import onnxruntime as ort  # the runtime's own dependency; imported when first scanned
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    graph = (importlib.resources.files(__package__) / SCAN_GRAPH).read_bytes()
+    return ort.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
 
 
 def _best(scores: np.ndarray, fetch: int) -> np.ndarray:
