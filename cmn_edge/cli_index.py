@@ -66,7 +66,6 @@ from .cli_common import (
     query_item_id,
     user_errors,
 )
-from .dataset import is_image_file
 from .embedder import Embedder, check_folder, list_images
 from .files import publish_folder
 from .index import ConceptIndex, ConceptIndexError, Index, embedder_for_index, is_index_dir
@@ -439,15 +438,7 @@ def sync(
     check_storable_folder(folder)
     metadata = _read_metadata_csv(metadata_csv) if metadata_csv else None
     if is_index_dir(index_dir):
-        idx = Index.open(index_dir)
-        synced = [p for p in idx.index.file_stamps() if not os.path.isabs(p)]
-        if synced and not any(is_image_file(p) for p in folder.rglob("*")):
-            # an unmounted drive or share is an empty folder: removing every item would
-            # lose the index to a missing mount
-            raise CliError(
-                f"{folder}: no images found; syncing would remove all {len(synced)} items "
-                f"of {index_dir} (is the folder mounted?)"
-            )
+        idx = Index.open(index_dir)  # sync_folder refuses a folder that would empty it
         idx._embedder = _embedder_for(idx.index, model, precision, threads)
     else:
         _check_dangling(index_dir)

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cmn_edge.index import ConceptIndex, Index
+from cmn_edge.index import ConceptIndex, ConceptIndexError, Index
 
 ROOT = Path(__file__).resolve().parent.parent
 DIM = 64
@@ -280,6 +280,22 @@ def test_the_python_api(tmp_path, embedder, labelled_folder, photos):
     again = Index.open(folder)  # the model comes from the index itself
     assert again.search(cat, k=1)[0].path == str(cat.resolve())
     assert again.embedder.model_id == embedder.model_id
+
+
+def test_the_python_api_refuses_a_sync_that_would_empty_the_index(
+    tmp_path, embedder, labelled_folder
+):
+    """An unmounted drive is an empty folder: Index.sync removed every item (only the CLI
+    refused it)."""
+    index = Index.create(tmp_path / "api.idx", embedder=embedder, exact_below=0)
+    assert index.sync(labelled_folder).added == 15
+    mount_point = tmp_path / "unmounted"
+    mount_point.mkdir()
+    with pytest.raises(ConceptIndexError, match="no images found; syncing would remove all 15"):
+        index.sync(mount_point)
+    assert len(Index.open(tmp_path / "api.idx")) == 15
+    kept = index.sync(mount_point, remove_missing=False)  # asked for: nothing is removed
+    assert (kept.added, kept.removed, len(index)) == (0, 0, 15)
 
 
 @pytest.fixture

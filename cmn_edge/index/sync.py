@@ -70,6 +70,8 @@ def sync_folder(
 ) -> SyncReport:
     """Bring ``index`` (a :class:`ConceptIndex`) in step with ``folder``.
 
+    A folder without images is refused when the index holds items synced from a folder
+    (an unmounted drive would empty it); ``remove_missing=False`` adds to it anyway.
     ``metadata``: absolute resolved path -> {key: value}. ``plan(n)`` is told how many
     files will be embedded, ``progress(k)`` after every k of them. An unreadable file is
     skipped and listed in the report (``strict``: the first one raises ImageError).
@@ -79,6 +81,13 @@ def sync_folder(
     report = SyncReport()
     files = list_images(root)
     stored = {p: v for p, v in index.file_stamps().items() if not os.path.isabs(p)}
+    if remove_missing and stored and not files:
+        # an unmounted drive or share is an empty folder: removing every item would lose
+        # the index to a missing mount
+        raise ConceptIndexError(
+            f"{root}: no images found; syncing would remove all {len(stored)} items of "
+            f"{index._where()} (is the folder mounted?)"
+        )
     todo: list[tuple[Path, str, tuple[int, int, str | None]]] = []
     present: set[str] = set()
     for file in files:
