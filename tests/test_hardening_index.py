@@ -211,3 +211,20 @@ def test_force_build_replaces_the_index_in_the_current_directory(
     assert done.exit_code == 0, done.output
     assert sorted(ConceptIndex.load(index_dir).file_stamps()) == ["cat.jpg", "rocket.jpg"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["gallery.idx", "photos"]
+
+
+def test_the_python_api_refuses_a_path_that_is_not_utf8_and_writes_nothing(
+    tmp_path, embedder, mixed_folder
+) -> None:
+    """Index.add(paths=...) raised a bare UnicodeEncodeError from inside the database."""
+    from cmn_edge.index import ConceptIndexError, Index
+
+    folder, odd = mixed_folder
+    index = Index.create(tmp_path / "api.idx", embedder=embedder)
+    vector = embedder.embed(folder / "cat.jpg")
+    index.add(vector, paths=[folder / "cat.jpg"])
+    before = snapshot(tmp_path / "api.idx")
+    for call in (lambda: index.add(vector, paths=[odd]), lambda: index.add(odd)):
+        with pytest.raises(ConceptIndexError, match="caf.*not valid UTF-8"):
+            call()
+    assert snapshot(tmp_path / "api.idx") == before and len(index) == 1

@@ -32,7 +32,7 @@ from .rebuild import RebuildReport, embed_stored
 from .rebuild import rebuild as rebuild_index
 from .regions import RegionsError
 from .rerank import DEFAULT_DEPTH
-from .sync import SyncReport, sync_folder
+from .sync import NOT_UTF8, SyncReport, storable_name, sync_folder
 
 
 def embedder_for_index(
@@ -159,6 +159,8 @@ class Index:
     def _stored_path(self, path: str | os.PathLike) -> str:
         """Relative to the indexed root when under it (a moved folder still matches)."""
         resolved = Path(path).resolve()
+        if not storable_name(resolved):  # refused before anything is written
+            raise ConceptIndexError(f"{path}: {NOT_UTF8}")
         root = self.index.root
         if root is not None:
             try:
