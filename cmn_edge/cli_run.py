@@ -21,7 +21,7 @@ from .cli_common import CliError, model_options, user_errors
 from .cpu import this_cpu
 from .dataset import check_retrieval_ready, is_image_file, load_samples
 from .embedder import Embedder, ModelError, list_images
-from .files import atomic_write
+from .files import atomic_write, storable_name
 from .metadata import MetadataError, ModelMetadata
 from .metrics import retrieval_metrics
 from .pipeline import stream_batches
@@ -225,6 +225,13 @@ def embed(
     if fmt != "parquet":
         _check_output_target(output)
     paths = _expand_inputs(photos)
+    if fmt == "parquet":  # before anything is embedded: Parquet's strings are UTF-8
+        for path in paths:
+            if not storable_name(path):
+                raise CliError(
+                    f"{path}: file name is not valid UTF-8, which Parquet cannot store "
+                    "(rename the file, or write --format json or npy)"
+                )
     if engine == "ray":
         _embed_with_ray(
             paths, output, model, precision, threads, batch_size, ray_address, ray_actors

@@ -15,6 +15,17 @@ from pathlib import Path
 from typing import IO, Any
 
 
+def storable_name(path: str | os.PathLike) -> bool:
+    """Whether a path can be written as UTF-8 text (the index's database, Parquet): a name
+    written in another encoding (Latin-1 from an old camera or archive), which Python keeps
+    as lone surrogates, cannot."""
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _umask() -> int:
     """The process umask (there is no way to read it without setting it)."""
     mask = os.umask(0o022)
@@ -152,6 +163,7 @@ def file_sha256(path: str | os.PathLike) -> str:
 
 __all__ = [
     "publish_folder",
+    "storable_name",
     "atomic_path",
     "atomic_write",
     "file_sha256",

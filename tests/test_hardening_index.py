@@ -228,3 +228,18 @@ def test_the_python_api_refuses_a_path_that_is_not_utf8_and_writes_nothing(
         with pytest.raises(ConceptIndexError, match="caf.*not valid UTF-8"):
             call()
     assert snapshot(tmp_path / "api.idx") == before and len(index) == 1
+
+
+@pytest.mark.parametrize("skip_errors", [False, True])
+def test_embed_to_parquet_refuses_a_file_name_that_is_not_utf8_before_embedding(
+    tmp_path, mixed_folder, skip_errors
+) -> None:
+    """Parquet's strings are UTF-8: the name reached pyarrow and the command exited 70."""
+    folder, _odd = mixed_folder
+    out = tmp_path / "vectors"
+    flags = ["--skip-errors"] if skip_errors else []
+    result = run("embed", folder, "--format", "parquet", "-o", out, *flags)
+    one_line_error(result, "caf", "not valid UTF-8", "--format json or npy")
+    assert not out.exists()
+    json_out = tmp_path / "vectors.json"  # JSON keeps the name (surrogate escapes)
+    assert run("embed", folder, "-o", json_out).exit_code == 0 and json_out.exists()

@@ -13,22 +13,12 @@ from pathlib import Path
 import numpy as np
 
 from ..embedder import list_images
-from ..files import file_sha256
+from ..files import file_sha256, storable_name
 from ..preprocess import ImageError
 from .errors import ConceptIndexError
 
 #: Why a file whose name is not UTF-8 (kept by Python as lone surrogates) is left out.
 NOT_UTF8 = "file name is not valid UTF-8, which the index cannot store (rename the file)"
-
-
-def storable_name(path: str | os.PathLike) -> bool:
-    """Whether the index's database (UTF-8 text) can hold this path: a name written in
-    another encoding (Latin-1 from an old camera or archive) cannot."""
-    try:
-        str(path).encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def check_storable_folder(folder: str | os.PathLike) -> None:
