@@ -109,11 +109,14 @@ def atomic_write(
 
     On any error (a full disk included) the temporary file is removed and ``path`` keeps
     its old content. The new file gets the mode a plain ``open`` would give (0666 less the
-    umask), not ``mkstemp``'s 0600. A device or FIFO target is written through instead.
+    umask), not ``mkstemp``'s 0600. A device or FIFO target is written through instead,
+    and a symbolic link's target is replaced, not the link.
     """
     target = Path(path)
     if "w" not in mode:
         raise ValueError(f"atomic_write needs a write mode, not '{mode}'")
+    if target.is_symlink():  # `-o link` writes the file it points to; the link stays a link
+        target = Path(os.path.realpath(target))
     if is_special_file(target):
         with open(target, mode, **open_kwargs) as handle:
             yield handle

@@ -102,3 +102,19 @@ def test_a_reader_that_goes_away_ends_the_command_quietly(photos):
     process.stdout.close()  # the reader is gone before anything is written
     stderr = process.stderr.read()
     assert process.wait() == 141 and stderr == b""
+
+
+def test_output_through_a_symbolic_link_writes_its_target_and_keeps_the_link(
+    tmp_path: Path, photos
+) -> None:
+    """`-o latest.json`, a link to this run's file, replaced the link with a plain file."""
+    real = tmp_path / "runs" / "today.json"
+    real.parent.mkdir()
+    real.write_text("old")
+    link = tmp_path / "latest.json"
+    link.symlink_to(real)
+    result = run("embed", photos["cat"], "-o", link)
+    assert result.exit_code == 0, result.output
+    assert link.is_symlink() and os.readlink(link) == str(real)
+    assert '"embedding"' in real.read_text()
+    assert not [p for p in tmp_path.rglob(".*") if p.is_file()]  # no temporary debris
