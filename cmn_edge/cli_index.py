@@ -47,6 +47,7 @@ then part of the object). The index must keep region maps (``index build --regio
 from __future__ import annotations
 
 import csv
+import glob
 import json
 import os
 import shutil
@@ -346,7 +347,7 @@ def build(
             # fails or is interrupted leaves it as it was
             replacing, created = True, True
             target = index_dir.resolve()  # `--index .` has no name to put a sibling beside
-            build_dir = target.with_name(f".{target.name}.new-{uuid.uuid4().hex[:8]}")
+            build_dir = _replacement_dir(target)
         idx = Index.create(
             build_dir,
             embedder,
@@ -409,6 +410,29 @@ def build(
     if report.skipped:
         _warn(f"{len(report.skipped)} unreadable image(s) left out (listed above)")
     click.echo(f"indexed {count} images into {index_dir} ({model_id})")
+
+
+def _replacement_dir(target: Path) -> Path:
+    """A new hidden sibling to build a replacement of ``target`` in, named after this
+    process; earlier ones whose process is gone (a build killed with -9, a power cut: a
+    whole index's size each, which nothing else would ever remove) are deleted first."""
+    for stale in target.parent.glob(f".{glob.escape(target.name)}.new-*"):
+        pid = stale.name.rsplit(".new-", 1)[1].split("-", 1)[0]
+        if pid.isdigit() and not _process_alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
+    return target.with_name(f".{target.name}.new-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+
+def _process_alive(pid: int) -> bool:
+    if os.name == "nt":  # os.kill there terminates the process: never ask
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, OSError):
+        return True  # another user's, or unknowable: left alone
+    return True
 
 
 @index.command("sync")

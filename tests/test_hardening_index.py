@@ -243,3 +243,42 @@ def test_embed_to_parquet_refuses_a_file_name_that_is_not_utf8_before_embedding(
     assert not out.exists()
     json_out = tmp_path / "vectors.json"  # JSON keeps the name (surrogate escapes)
     assert run("embed", folder, "-o", json_out).exit_code == 0 and json_out.exists()
+
+
+def test_a_force_build_killed_with_9_leaves_debris_the_next_one_removes(tmp_path, photos):
+    """A --force build killed mid-way left its hidden half-built replacement (up to a whole
+    index's size) beside the index for ever."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    folder, index_dir = two_photo_index(tmp_path, photos, "good", "build")
+    before = contents(index_dir)
+    many = tmp_path / "many"
+    many.mkdir()
+    for n in range(300):  # a build long enough to be killed in the middle of
+        shutil.copy(photos["coffee" if n % 2 else "cat"], many / f"{n:03d}.jpg")
+    build = subprocess.Popen(
+        [sys.executable, "-c", "from cmn_edge.cli import main; main()", "index", "build"]
+        + [str(many), "--index"]
+        + [str(index_dir), "--force", "--threads", "1"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 60
+    while not list(tmp_path.glob(".gallery.idx.new-*/*")) and time.monotonic() < deadline:
+        assert build.poll() is None, "the build ended before it could be killed"
+        time.sleep(0.01)
+    build.send_signal(signal.SIGKILL)
+    build.wait()
+    [debris] = tmp_path.glob(".gallery.idx.new-*")
+    assert debris.name.startswith(f".gallery.idx.new-{build.pid}-")
+    assert contents(index_dir) == before  # the old index was never touched
+
+    live = tmp_path / f".gallery.idx.new-{os.getpid()}-0000abcd"  # a build still running
+    live.mkdir()
+    done = run("index", "build", folder, "--index", index_dir, "--force", "--threads", "2")
+    assert done.exit_code == 0, done.output
+    assert not debris.exists() and live.is_dir()
+    assert run("index", "verify", "--index", index_dir).exit_code == 0
