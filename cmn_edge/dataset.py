@@ -9,8 +9,12 @@ import csv
 from dataclasses import dataclass
 from pathlib import Path
 
+from PIL import features
+
 MANIFEST_COLUMNS = ("path", "label", "class_name", "split")
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+if features.check("avif"):  # Pillow >= 11.2 reads AVIF (phones' newer default); older ones skip it
+    IMAGE_SUFFIXES.add(".avif")
 
 
 class DatasetError(ValueError):

@@ -118,3 +118,24 @@ def test_output_through_a_symbolic_link_writes_its_target_and_keeps_the_link(
     assert link.is_symlink() and os.readlink(link) == str(real)
     assert '"embedding"' in real.read_text()
     assert not [p for p in tmp_path.rglob(".*") if p.is_file()]  # no temporary debris
+
+
+def test_avif_photos_are_embedded_and_indexed_where_pillow_reads_them(tmp_path: Path, photos):
+    """Phones save AVIF; a folder of them was skipped without a word, though Pillow reads it."""
+    from PIL import Image, features
+
+    from cmn_edge import Embedder
+    from cmn_edge.dataset import IMAGE_SUFFIXES
+
+    assert (".avif" in IMAGE_SUFFIXES) == features.check("avif")  # listed only where read
+    if not features.check("avif"):  # Pillow < 11.2: nothing more to check
+        return
+    folder = tmp_path / "phone"
+    folder.mkdir()
+    Image.open(photos["cat"]).save(folder / "IMG_0001.avif", quality=90)
+    index_dir = tmp_path / "phone.idx"
+    built = run("index", "build", folder, "--index", index_dir, "--threads", "2")
+    assert built.exit_code == 0 and "indexed 1 images" in built.stdout, built.output
+    embedder = Embedder()
+    same = embedder.embed(folder / "IMG_0001.avif")[0] @ embedder.embed(photos["cat"])[0]
+    assert same > 0.95  # the same photo, through a lossy codec

@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from cmn_edge import Embedder, ImageError
+from cmn_edge.dataset import IMAGE_SUFFIXES  # the runtime's one list (AVIF where Pillow reads it)
 from cmn_edge.index import (
     ConceptIndexError,
     Index,
@@ -51,7 +52,6 @@ PARTIAL_SUFFIXES = (".tmp", ".part", ".partial", ".crdownload", ".download")
 MAX_SAVE_FAILURES = 3
 #: A frame is given up as corrupt only after this many failed reads of the same version.
 MIN_FAILED_READS = 2
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 
 
 # ---------------------------------------------------------------------------- the folder
