@@ -67,6 +67,7 @@ from .cli_common import (
     query_item_id,
     user_errors,
 )
+from .dataset import passed_over_note
 from .embedder import Embedder, check_folder, list_images
 from .files import publish_folder
 from .index import ConceptIndex, ConceptIndexError, Index, embedder_for_index, is_index_dir
@@ -204,14 +205,18 @@ def _embed_paths(
 
 def _expand(paths: tuple[str, ...]) -> list[Path]:
     out: list[Path] = []
+    passed_over: list[Path] = []
     for raw in paths:
         path = Path(raw)
         if path.is_dir():
-            out += list_images(path)
+            out += list_images(path, passed_over)
         elif path.exists():
             out.append(path)
         else:
             raise FileNotFoundError(f"{path}: no such file or folder")
+    note = passed_over_note(passed_over)
+    if note:
+        _warn(note)
     seen: dict[str, Path] = {}
     for path in out:
         seen.setdefault(str(path.resolve()), path)
@@ -238,6 +243,9 @@ def _run_sync(index: Index, folder: Path, batch_size: int, strict: bool, metadat
     )
     for path, reason in report.skipped:
         _warn(f"skipped {path}: {reason}")
+    note = passed_over_note([Path(p) for p in report.passed_over])
+    if note:
+        _warn(note)
     return report
 
 
@@ -319,9 +327,11 @@ def build(
     if index_dir.exists() and not index_dir.is_dir():
         raise CliError(f"{index_dir}: exists and is not a directory")
     _check_dangling(index_dir)
-    paths = list_images(folder)
+    passed_over: list[Path] = []
+    paths = list_images(folder, passed_over)  # the sync below reports what it passed over
     if not paths:
-        raise CliError(f"{folder}: no images found")
+        note = passed_over_note(passed_over)
+        raise CliError(f"{folder}: no images found" + (f"; {note}" if note else ""))
     check_storable_folder(folder)
     metadata = _read_metadata_csv(metadata_csv) if metadata_csv else None
     resume = None

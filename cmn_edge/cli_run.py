@@ -19,7 +19,7 @@ import onnxruntime as ort
 
 from .cli_common import CliError, model_options, user_errors
 from .cpu import this_cpu
-from .dataset import check_retrieval_ready, is_image_file, load_samples
+from .dataset import check_retrieval_ready, is_image_file, load_samples, passed_over_note
 from .embedder import Embedder, ModelError, list_images
 from .files import atomic_write, storable_name
 from .metadata import MetadataError, ModelMetadata
@@ -57,19 +57,23 @@ def _expand_inputs(photos: tuple[str, ...]) -> list[Path]:
     """Files as given, folders replaced by the images below them (sorted, recursive), and
     a quoted glob (``"photos/*.jpg"``, ``**`` recursive) by the images it matches (sorted)."""
     paths: list[Path] = []
+    passed_over: list[Path] = []
     for item in photos:
         path = Path(item)
         if path.is_dir():
-            paths.extend(list_images(path))
+            paths.extend(list_images(path, passed_over))
         elif not path.exists() and any(c in item for c in "*?["):
             for match in sorted(glob.glob(item, recursive=True)):
                 found = Path(match)
                 if found.is_dir():
-                    paths.extend(list_images(found))
+                    paths.extend(list_images(found, passed_over))
                 elif is_image_file(found):
                     paths.append(found)
         else:
             paths.append(path)  # a missing or unreadable file is reported when it is decoded
+    note = passed_over_note(passed_over)
+    if note:
+        click.echo(f"warning: {note}", err=True)
     if not paths:
         raise CliError(f"{', '.join(photos)}: no images found")
     return paths

@@ -13,8 +13,27 @@ from PIL import features
 
 MANIFEST_COLUMNS = ("path", "label", "class_name", "split")
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+#: Photo formats this Pillow cannot decode: a folder's files of these kinds are left out,
+#: and the commands say how many (phones save HEIC; they were passed over without a word).
+UNDECODABLE_SUFFIXES = {".heic", ".heif", ".jxl", ".avif"}
 if features.check("avif"):  # Pillow >= 11.2 reads AVIF (phones' newer default); older ones skip it
     IMAGE_SUFFIXES.add(".avif")
+    UNDECODABLE_SUFFIXES.discard(".avif")
+
+
+def passed_over_note(paths: list[Path]) -> str | None:
+    """One line for the photos a folder listing left out because Pillow cannot decode
+    them, or None."""
+    if not paths:
+        return None
+    counts: dict[str, int] = {}
+    for path in paths:
+        counts[path.suffix.lower()] = counts.get(path.suffix.lower(), 0) + 1
+    kinds = ", ".join(f"{n} {suffix}" for suffix, n in sorted(counts.items()))
+    return (
+        f"left out {len(paths)} photo(s) in formats Pillow cannot decode here ({kinds}), "
+        f"e.g. {paths[0]}; convert them to JPEG to include them"
+    )
 
 
 class DatasetError(ValueError):

@@ -13,7 +13,7 @@ import onnxruntime as ort
 
 from . import preprocess as pp
 from .cpu import X64_QUANT_PRECISION, this_cpu
-from .dataset import is_image_file
+from .dataset import UNDECODABLE_SUFFIXES, is_image_file
 from .files import file_sha256
 from .metadata import (
     INPUT_NAME,
@@ -295,7 +295,22 @@ def check_folder(folder: str | os.PathLike) -> None:
         raise FileNotFoundError(f"{folder}: folder not found")
 
 
-def list_images(folder: str | os.PathLike) -> list[Path]:
+def list_images(folder: str | os.PathLike, passed_over: list[Path] | None = None) -> list[Path]:
+    """The images under ``folder``, sorted; photos in formats Pillow cannot decode (HEIC)
+    are appended to ``passed_over`` when it is given, for the caller to report."""
     folder = Path(folder)
     check_folder(folder)
-    return sorted(p for p in folder.rglob("*") if is_image_file(p))
+    images = []
+    for path in folder.rglob("*"):
+        if is_image_file(path):
+            images.append(path)
+        elif (
+            passed_over is not None
+            and path.suffix.lower() in UNDECODABLE_SUFFIXES
+            and not path.name.startswith(".")
+            and path.is_file()
+        ):
+            passed_over.append(path)
+    if passed_over is not None:
+        passed_over.sort()
+    return sorted(images)

@@ -139,3 +139,28 @@ def test_avif_photos_are_embedded_and_indexed_where_pillow_reads_them(tmp_path: 
     embedder = Embedder()
     same = embedder.embed(folder / "IMG_0001.avif")[0] @ embedder.embed(photos["cat"])[0]
     assert same > 0.95  # the same photo, through a lossy codec
+
+
+def test_photos_pillow_cannot_decode_are_counted_not_passed_over_silently(tmp_path: Path, photos):
+    """An iPhone folder's .heic photos were left out of embed, build and sync without a word."""
+    folder = tmp_path / "iphone"
+    folder.mkdir()
+    shutil.copy(photos["cat"], folder / "IMG_0001.jpg")
+    for n in (2, 3):
+        (folder / f"IMG_000{n}.HEIC").write_bytes(b"\x00\x00\x00\x18ftypheic")  # not read
+    (folder / "notes.txt").write_text("not a photo, not counted")
+    note = "left out 2 photo(s) in formats Pillow cannot decode here (2 .heic)"
+    embedded = run("embed", folder, "-o", tmp_path / "v.json")
+    assert embedded.exit_code == 0 and note in embedded.stderr, embedded.output
+    built = run("index", "build", folder, "--index", tmp_path / "i.idx", "--threads", "2")
+    assert built.exit_code == 0 and "indexed 1 images" in built.stdout, built.output
+    assert built.stderr.count(note) == 1 and "IMG_0002.HEIC" in built.stderr
+    synced = run("index", "sync", folder, "--index", tmp_path / "i.idx")
+    assert synced.exit_code == 0 and note in synced.stderr
+    (folder / "IMG_0001.jpg").unlink()
+    only_heic = run("index", "build", folder, "--index", tmp_path / "j.idx")
+    assert only_heic.exit_code == 1 and not (tmp_path / "j.idx").exists()
+    assert only_heic.stderr.strip().splitlines() == [
+        f"error: {folder}: no images found; {note}, e.g. {folder / 'IMG_0002.HEIC'}; "
+        "convert them to JPEG to include them"
+    ]

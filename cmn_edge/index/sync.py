@@ -38,6 +38,8 @@ class SyncReport:
     removed: int = 0
     unchanged: int = 0
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
+    #: photos in formats Pillow cannot decode here (HEIC), left out of the folder's listing
+    passed_over: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
         return (
@@ -69,7 +71,9 @@ def sync_folder(
     root = Path(folder).resolve()
     check_storable_folder(root)
     report = SyncReport()
-    files = list_images(root)
+    passed_over: list[Path] = []
+    files = list_images(root, passed_over)
+    report.passed_over = [str(p) for p in passed_over]
     stored = {p: v for p, v in index.file_stamps().items() if not os.path.isabs(p)}
     if remove_missing and stored and not files:
         # an unmounted drive or share is an empty folder: removing every item would lose
