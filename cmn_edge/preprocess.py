@@ -6,9 +6,11 @@ The transform is the one torchvision applies in training (``Resize(short side)``
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Union
 
@@ -115,10 +117,7 @@ def _to_rgb(image: Image.Image, source: str) -> Image.Image:
     if image.mode == "RGB":
         return image
     if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-        array = np.asarray(image, dtype=np.float64)
-        peak = 65535.0 if image.mode.startswith("I;16") or array.max() > 255 else 255.0
-        grey = np.clip(array / peak * 255.0 + 0.5, 0, 255).astype(np.uint8)
-        return Image.fromarray(grey, "L").convert("RGB")
+        return Image.fromarray(_sixteen_bit_to_grey(image), "L").convert("RGB")
     if image.mode == "F":
         array = np.asarray(image, dtype=np.float64)
         grey = np.clip(array * (255.0 if array.max() <= 1.0 else 1.0), 0, 255).astype(np.uint8)
@@ -133,6 +132,22 @@ def _to_rgb(image: Image.Image, source: str) -> Image.Image:
         return image.convert("RGB")
     except (OSError, ValueError) as exc:
         raise ImageError(f"{source}: cannot convert mode {image.mode} to RGB ({exc})") from None
+
+
+#: Rows of a 16-bit image scaled to 8 bits at a time (bounds the temporary memory).
+GREY_ROWS = 512
+
+
+def _sixteen_bit_to_grey(image: Image.Image) -> np.ndarray:
+    """round(value / peak x 255), in integers and a band of rows at a time: through float64
+    a 100 MP 16-bit scan took about 2.4 GB at its peak; now the 8-bit result and one band."""
+    array = np.asarray(image)
+    peak = 65535 if image.mode.startswith("I;16") or array.max() > 255 else 255
+    grey = np.empty(array.shape, np.uint8)
+    for start in range(0, len(array), GREY_ROWS):
+        band = np.clip(array[start : start + GREY_ROWS], 0, peak).astype(np.int64)
+        grey[start : start + GREY_ROWS] = (band * 510 + peak) // (2 * peak)
+    return grey
 
 
 def _array_to_image(array: np.ndarray) -> Image.Image:
@@ -193,10 +208,23 @@ def to_tensor(image: Image.Image, preprocess: Preprocess) -> np.ndarray:
 
 def load(source: ImageInput, preprocess: Preprocess) -> np.ndarray:
     """One image, ready for the graph: float32 [3, input_size, input_size]."""
-    return to_tensor(resize_and_crop(open_image(source, preprocess), preprocess), preprocess)
+    name = str(source) if isinstance(source, (str, os.PathLike)) else "image"
+    with _memory_is_an_image_error(name):
+        return to_tensor(resize_and_crop(open_image(source, preprocess), preprocess), preprocess)
 
 
 def load_bytes(data: bytes, source: str, preprocess: Preprocess) -> np.ndarray:
     """``load`` of a file's bytes; ``source`` names the file in errors."""
-    image = decode_bytes(data, source, preprocess)
-    return to_tensor(resize_and_crop(image, preprocess), preprocess)
+    with _memory_is_an_image_error(source):
+        image = decode_bytes(data, source, preprocess)
+        return to_tensor(resize_and_crop(image, preprocess), preprocess)
+
+
+@contextlib.contextmanager
+def _memory_is_an_image_error(name: str) -> Iterator[None]:
+    """A photo too large for this device's memory is that file's failure (skipped under
+    --skip-errors, named in one line), not the command's internal error."""
+    try:
+        yield
+    except MemoryError:
+        raise ImageError(f"{name}: not enough memory to decode and resize this image") from None

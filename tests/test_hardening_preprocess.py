@@ -102,3 +102,47 @@ def test_the_pixel_limit_is_on_the_pixels_decoded(tmp_path: Path, monkeypatch) -
     for whole in (lambda: pp.open_image(photo), lambda: pp.load(png, PRE)):
         with pytest.raises(pp.ImageError, match="2400x1800, above the"):
             whole()
+
+
+@pytest.mark.parametrize("mode", ["I;16", "I"])
+def test_16_bit_images_scale_to_8_bits_as_before_in_integers(mode) -> None:
+    """The integer, banded scaling gives exactly what the float64 formula gave."""
+    rng = np.random.default_rng(4)
+    if mode == "I;16":
+        values = rng.integers(0, 65536, (1100, 37)).astype(np.uint16)
+        values[0, :3] = [0, 65535, 32767]
+    else:
+        values = rng.integers(-70000, 140000, (1100, 37)).astype(np.int32)
+    image = Image.fromarray(values)
+    assert image.mode == mode
+    array = np.asarray(image, dtype=np.float64)
+    peak = 65535.0 if mode.startswith("I;16") or array.max() > 255 else 255.0
+    before = np.clip(array / peak * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    np.testing.assert_array_equal(pp._sixteen_bit_to_grey(image), before)
+    small = Image.fromarray(np.array([[0, 100], [255, 7]], np.int32))  # mode I, peak 255
+    np.testing.assert_array_equal(pp._sixteen_bit_to_grey(small), [[0, 100], [255, 7]])
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux's /proc")
+def test_a_large_16_bit_scan_loads_in_bounded_memory_and_too_little_is_one_error(
+    tmp_path: Path,
+) -> None:
+    """A 30 MP 16-bit PNG went through float64 (about a GB of temporaries): a MemoryError
+    in a 512 MiB budget, which the CLI reported as an internal error."""
+    path = tmp_path / "scan16.png"
+    ramp = (np.arange(6000, dtype=np.uint32)[None, :] * 10 % 65536).astype(np.uint16)
+    Image.fromarray(np.repeat(ramp, 5000, axis=0)).save(path, compress_level=1)
+    loaded = subprocess.run(
+        [sys.executable, "-c", BOUNDED_LOAD, str(path)], capture_output=True, text=True
+    )
+    assert loaded.returncode == 0, loaded.stderr[-2000:]
+    assert loaded.stdout.strip() == "(3, 224, 224)"
+    starved = BOUNDED_LOAD.replace("512 * 2**20", "64 * 2**20").replace(
+        "print(pp.load(sys.argv[1], Preprocess()).shape)",
+        "try:\n    pp.load(sys.argv[1], Preprocess())\nexcept pp.ImageError as e:\n    print(e)",
+    )
+    refused = subprocess.run(
+        [sys.executable, "-c", starved, str(path)], capture_output=True, text=True
+    )
+    assert refused.returncode == 0, refused.stderr[-2000:]
+    assert refused.stdout.strip() == f"{path}: not enough memory to decode and resize this image"
