@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import threading
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -70,6 +71,24 @@ def open_image(source: ImageInput, preprocess: Preprocess | None = None) -> Imag
     return decode_bytes(data, str(path), preprocess)
 
 
+#: Serialises the moments Pillow's own pixel limit is lifted (it is one process-wide value).
+_OPENING = threading.Lock()
+
+
+def _open_without_pillows_limit(buffer: io.BytesIO) -> Image.Image:
+    """``Image.open`` without Pillow's refusal of images over 179 MP, which comes before a
+    JPEG can be drafted down: a 200 MP phone photo decodes at 1/8 scale as 3 MP. The
+    limit that protects this runtime is MAX_PIXELS, checked on the pixels to be decoded
+    before any is; Pillow's value is restored at once for the rest of the process."""
+    with _OPENING:
+        saved = Image.MAX_IMAGE_PIXELS
+        Image.MAX_IMAGE_PIXELS = None
+        try:
+            return Image.open(buffer)
+        finally:
+            Image.MAX_IMAGE_PIXELS = saved
+
+
 def decode_bytes(data: bytes, source: str, preprocess: Preprocess | None = None) -> Image.Image:
     """``open_image`` for a file's bytes read elsewhere (Ray Data's binary reader): the same
     checks, draft-mode decode and rotation, so the pixels equal those of reading ``source``."""
@@ -80,7 +99,7 @@ def decode_bytes(data: bytes, source: str, preprocess: Preprocess | None = None)
         with warnings.catch_warnings():
             # MAX_PIXELS below is the limit; Pillow's own warning (89 M) would undercut it.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
+            image = _open_without_pillows_limit(io.BytesIO(data))
             width, height = image.size
             if preprocess is not None and image.format == "JPEG":
                 target = 2 * preprocess.resize_size

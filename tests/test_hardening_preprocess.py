@@ -146,3 +146,16 @@ def test_a_large_16_bit_scan_loads_in_bounded_memory_and_too_little_is_one_error
     )
     assert refused.returncode == 0, refused.stderr[-2000:]
     assert refused.stdout.strip() == f"{path}: not enough memory to decode and resize this image"
+
+
+def test_a_photo_over_pillows_own_limit_is_drafted_down_not_refused(tmp_path: Path) -> None:
+    """A 192 MP JPEG (200 MP phone cameras) was refused at open by Pillow's 179 MP limit
+    before draft mode could decode it at 1/8 scale (2000x1500)."""
+    photo = tmp_path / "200mp.jpg"
+    Image.new("L", (16000, 12000), 128).save(photo, quality=50)
+    limit = Image.MAX_IMAGE_PIXELS
+    assert pp.load(photo, PRE).shape == (3, PRE.input_size, PRE.input_size)
+    assert pp.open_image(photo, PRE).size == (2000, 1500)
+    with pytest.raises(pp.ImageError, match="16000x12000, above the 100,000,000 pixel limit"):
+        pp.open_image(photo)  # decoded whole, it is still refused, by this runtime's limit
+    assert Image.MAX_IMAGE_PIXELS == limit  # Pillow's own, for the rest of the process
