@@ -6,6 +6,7 @@ The one place for both: the runtime's commands, the index and the training side 
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import os
 import stat
@@ -66,21 +67,52 @@ def publish(temp: str | os.PathLike, target: str | os.PathLike) -> None:
 
 
 def publish_folder(temp: str | os.PathLike, target: str | os.PathLike) -> None:
-    """Rename the finished folder ``temp`` to ``target`` (same file system). An earlier
-    ``target`` is moved aside first and removed after: at every moment ``target`` is absent,
-    the old folder or the new one, never a mix."""
+    """Rename the finished folder ``temp`` to ``target`` (same file system).
+
+    An earlier ``target`` is swapped with the new one in one step where the kernel can
+    (Linux's ``renameat2(RENAME_EXCHANGE)``), then removed: at every moment ``target`` is
+    the old folder or the new one. Elsewhere it is moved aside first, and for the moment
+    between the two renames ``target`` is absent (the old folder then waits beside it).
+    """
     import shutil
     import uuid
 
     temp, target = Path(temp), Path(target)
-    old = None
+    parent = target.parent if str(target.parent) else Path(".")
     if target.exists():
         old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
-        os.replace(target, old)
-    os.replace(temp, target)
-    fsync_dir(target.parent if str(target.parent) else Path("."))
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+        if _exchange(temp, target):
+            os.replace(temp, old)  # temp holds the old folder now
+        else:
+            os.replace(target, old)
+            os.replace(temp, target)
+    else:
+        os.replace(temp, target)
+    fsync_dir(parent)
+    # this one, and any an interrupted clean-up left (never needed: target is whole)
+    for stale in parent.glob(f".{glob.escape(target.name)}.old-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically (Linux 3.15+, glibc 2.28+, most local file systems);
+    False where that cannot be done, and nothing was changed. By hand through ctypes: the
+    standard library has no binding for renameat2."""
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p]
+    renameat2.argtypes += [ctypes.c_uint]
+    done = renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange)
+    return done == 0
 
 
 @contextlib.contextmanager

@@ -70,3 +70,49 @@ def test_a_failed_checkpoint_save_keeps_the_old_one_and_leaves_nothing(tmp_path:
     assert path.read_bytes() == before
     assert list(tmp_path.iterdir()) == [path]
     assert torch.load(path, weights_only=True)["step"] == 1
+
+
+def _folder(path: Path, text: str) -> Path:
+    path.mkdir()
+    (path / "data.txt").write_text(text)
+    return path
+
+
+def test_publish_folder_swaps_in_one_step_so_the_target_is_never_absent(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """The old folder was moved aside before the new one took its name: a kill between the
+    two renames left no index at its path."""
+    import shutil
+
+    from cmn_edge import files
+
+    target = _folder(tmp_path / "gallery.idx", "old")
+    swapped = files._exchange(_folder(tmp_path / "a", "a"), _folder(tmp_path / "b", "b"))
+    assert swapped, "renameat2(RENAME_EXCHANGE) is not available on this file system"
+    assert (tmp_path / "a" / "data.txt").read_text() == "b"
+
+    def killed(*args, **kwargs):  # the process dies after the swap, before the clean-up
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(shutil, "rmtree", killed)
+    with pytest.raises(KeyboardInterrupt):
+        files.publish_folder(_folder(tmp_path / ".new", "new"), target)
+    assert (target / "data.txt").read_text() == "new"
+    [old] = tmp_path.glob(".gallery.idx.old-*")  # what the next clean-up removes
+    assert (old / "data.txt").read_text() == "old"
+    monkeypatch.undo()
+    files.publish_folder(_folder(tmp_path / ".newer", "newer"), target)
+    assert (target / "data.txt").read_text() == "newer"
+    assert not list(tmp_path.glob(".gallery.idx.old-*"))  # this one's and the killed one's
+    assert not (tmp_path / ".newer").exists()
+
+
+def test_publish_folder_without_the_swap_still_replaces(tmp_path: Path, monkeypatch) -> None:
+    from cmn_edge import files
+
+    monkeypatch.setattr(files, "_exchange", lambda a, b: False)  # macOS, Windows, old kernels
+    target = _folder(tmp_path / "out", "old")
+    files.publish_folder(_folder(tmp_path / ".tmp", "new"), target)
+    assert (target / "data.txt").read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
