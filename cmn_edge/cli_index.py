@@ -51,6 +51,7 @@ import glob
 import json
 import os
 import shutil
+import socket
 import sys
 import uuid
 from pathlib import Path
@@ -424,13 +425,17 @@ def build(
 
 def _replacement_dir(target: Path) -> Path:
     """A new hidden sibling to build a replacement of ``target`` in, named after this
-    process; earlier ones whose process is gone (a build killed with -9, a power cut: a
-    whole index's size each, which nothing else would ever remove) are deleted first."""
+    process and host; earlier ones of this host whose process is gone (a build killed
+    with -9, a power cut: a whole index's size each, which nothing else would ever remove)
+    are deleted first. Another host's (an index on a share) are left alone: its process
+    numbers mean nothing here."""
+    host = socket.gethostname()
     for stale in target.parent.glob(f".{glob.escape(target.name)}.new-*"):
-        pid = stale.name.rsplit(".new-", 1)[1].split("-", 1)[0]
-        if pid.isdigit() and not _process_alive(int(pid)):
+        owner = stale.name.rsplit(".new-", 1)[1].rpartition("-")[0]
+        pid, _, built_on = owner.partition("@")
+        if pid.isdigit() and built_on == host and not _process_alive(int(pid)):
             shutil.rmtree(stale, ignore_errors=True)
-    return target.with_name(f".{target.name}.new-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    return target.with_name(f".{target.name}.new-{os.getpid()}@{host}-{uuid.uuid4().hex[:8]}")
 
 
 def _process_alive(pid: int) -> bool:

@@ -16,7 +16,9 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".we
 #: Photo formats this Pillow cannot decode: a folder's files of these kinds are left out,
 #: and the commands say how many (phones save HEIC; they were passed over without a word).
 UNDECODABLE_SUFFIXES = {".heic", ".heif", ".jxl", ".avif"}
-if features.check("avif"):  # Pillow >= 11.2 reads AVIF (phones' newer default); older ones skip it
+# Pillow >= 11.2 reads AVIF (phones' newer default); older ones skip it (and would warn
+# "Unknown feature" at features.check, so the module table is asked first)
+if "avif" in features.modules and features.check_module("avif"):
     IMAGE_SUFFIXES.add(".avif")
     UNDECODABLE_SUFFIXES.discard(".avif")
 

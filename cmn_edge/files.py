@@ -57,6 +57,12 @@ def is_special_file(path: str | os.PathLike) -> bool:
     return not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))
 
 
+def _stream_link(path: Path) -> bool:
+    """``/dev/stdout`` and its kind: a link to whatever the stream is (a pipe, or a file
+    redirected with ``>>``), written through as it is, never replaced."""
+    return path.is_symlink() and path.parts[:2] in (("/", "dev"), ("/", "proc"))
+
+
 def publish(temp: str | os.PathLike, target: str | os.PathLike) -> None:
     """Make a finished temporary file ``target``, durably: fsync it, rename it over
     ``target``, fsync the folder."""
@@ -142,17 +148,19 @@ def atomic_write(
     On any error (a full disk included) the temporary file is removed and ``path`` keeps
     its old content. The new file gets the mode a plain ``open`` would give (0666 less the
     umask), not ``mkstemp``'s 0600. A device or FIFO target is written through instead,
-    and a symbolic link's target is replaced, not the link.
+    and a symbolic link's target is replaced, not the link (``/dev/stdout`` is appended to).
     """
     target = Path(path)
     if "w" not in mode:
         raise ValueError(f"atomic_write needs a write mode, not '{mode}'")
-    if target.is_symlink():  # `-o link` writes the file it points to; the link stays a link
-        target = Path(os.path.realpath(target))
-    if is_special_file(target):
-        with open(target, mode, **open_kwargs) as handle:
+    if is_special_file(target) or _stream_link(target):
+        # a stream is appended to: reopening it to write would truncate what `>>` kept
+        through = mode.replace("w", "a") if _stream_link(target) else mode
+        with open(target, through, **open_kwargs) as handle:
             yield handle
         return
+    if target.is_symlink():  # `-o link` writes the file it points to; the link stays a link
+        target = Path(os.path.realpath(target))
     folder = target.parent if str(target.parent) else Path(".")
     if not folder.is_dir():
         raise FileNotFoundError(f"{target}: folder {folder} does not exist")

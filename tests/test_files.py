@@ -78,6 +78,7 @@ def _folder(path: Path, text: str) -> Path:
     return path
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="renameat2 is Linux's")
 def test_publish_folder_swaps_in_one_step_so_the_target_is_never_absent(
     tmp_path: Path, monkeypatch
 ) -> None:

@@ -158,9 +158,32 @@ def test_photos_pillow_cannot_decode_are_counted_not_passed_over_silently(tmp_pa
     synced = run("index", "sync", folder, "--index", tmp_path / "i.idx")
     assert synced.exit_code == 0 and note in synced.stderr
     (folder / "IMG_0001.jpg").unlink()
+    emptied = run("index", "sync", folder, "--index", tmp_path / "i.idx")
+    assert emptied.exit_code == 1 and "would remove all 1 items" in emptied.stderr
+    assert note in emptied.stderr and len(emptied.stderr.strip().splitlines()) == 1
     only_heic = run("index", "build", folder, "--index", tmp_path / "j.idx")
     assert only_heic.exit_code == 1 and not (tmp_path / "j.idx").exists()
     assert only_heic.stderr.strip().splitlines() == [
         f"error: {folder}: no images found; {note}, e.g. {folder / 'IMG_0002.HEIC'}; "
         "convert them to JPEG to include them"
     ]
+
+
+@pytest.mark.skipif(not Path("/dev/stdout").is_symlink(), reason="needs Linux's /dev/stdout link")
+def test_output_to_dev_stdout_goes_through_a_pipe_and_keeps_what_an_append_kept(
+    tmp_path: Path, photos
+) -> None:
+    """Following -o's links resolved /dev/stdout to /proc/PID/fd/pipe:[N] (no such file),
+    and a file redirected with >> was renamed over."""
+    cli = [sys.executable, "-c", "from cmn_edge.cli import main; main()"]
+    args = ["embed", str(photos["cat"]), "-o", "/dev/stdout"]
+    piped = subprocess.run(cli + args, capture_output=True, text=True)
+    assert piped.returncode == 0, piped.stderr
+    assert piped.stdout.startswith('{"model"')
+    log = tmp_path / "log.txt"
+    log.write_text("kept\n")
+    with open(log, "a") as handle:
+        appended = subprocess.run(cli + args, stdout=handle, stderr=subprocess.PIPE, text=True)
+    assert appended.returncode == 0, appended.stderr
+    assert log.read_text().startswith('kept\n{"model"')
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["log.txt"]

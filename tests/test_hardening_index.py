@@ -249,6 +249,7 @@ def test_a_force_build_killed_with_9_leaves_debris_the_next_one_removes(tmp_path
     """A --force build killed mid-way left its hidden half-built replacement (up to a whole
     index's size) beside the index for ever."""
     import signal
+    import socket
     import subprocess
     import sys
     import time
@@ -273,12 +274,15 @@ def test_a_force_build_killed_with_9_leaves_debris_the_next_one_removes(tmp_path
     build.send_signal(signal.SIGKILL)
     build.wait()
     [debris] = tmp_path.glob(".gallery.idx.new-*")
-    assert debris.name.startswith(f".gallery.idx.new-{build.pid}-")
+    host = socket.gethostname()
+    assert debris.name.startswith(f".gallery.idx.new-{build.pid}@{host}-")
     assert contents(index_dir) == before  # the old index was never touched
 
-    live = tmp_path / f".gallery.idx.new-{os.getpid()}-0000abcd"  # a build still running
-    live.mkdir()
+    live = tmp_path / f".gallery.idx.new-{os.getpid()}@{host}-0000abcd"  # a build running
+    elsewhere = tmp_path / f".gallery.idx.new-{build.pid}@other-host-1-0000abcd"  # a share's
+    for kept in (live, elsewhere):
+        kept.mkdir()
     done = run("index", "build", folder, "--index", index_dir, "--force", "--threads", "2")
     assert done.exit_code == 0, done.output
-    assert not debris.exists() and live.is_dir()
+    assert not debris.exists() and live.is_dir() and elsewhere.is_dir()
     assert run("index", "verify", "--index", index_dir).exit_code == 0

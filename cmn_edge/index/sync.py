@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..dataset import passed_over_note
 from ..embedder import list_images
 from ..files import file_sha256, storable_name
 from ..preprocess import ImageError
@@ -78,9 +79,10 @@ def sync_folder(
     if remove_missing and stored and not files:
         # an unmounted drive or share is an empty folder: removing every item would lose
         # the index to a missing mount
+        note = passed_over_note(passed_over)
         raise ConceptIndexError(
             f"{root}: no images found; syncing would remove all {len(stored)} items of "
-            f"{index._where()} (is the folder mounted?)"
+            f"{index._where()} (is the folder mounted?)" + (f"; {note}" if note else "")
         )
     todo: list[tuple[Path, str, tuple[int, int, str | None]]] = []
     present: set[str] = set()
