@@ -385,3 +385,17 @@ def test_the_vector_file_is_mapped_read_only_and_whole(tmp_path):
     with pytest.raises(ValueError):
         mapped[0, 0] = 1.0
     assert map_rows(path, 0, 8).shape == (0, 8)
+
+
+def test_a_graph_rebuilt_in_new_directions_is_tuned_again(tmp_path):
+    """Tuning followed growth only: a graph rebuilt when its --graph-dims projection was
+    first fitted (or refitted) kept the depth tuned on the graph before it."""
+    index = ConceptIndex.create(tmp_path / "idx", DIM, "m@1", exact_below=0, graph_dims=32)
+    index.auto_checkpoint = False
+    index.add(clustered(150, 1), num_threads=1)
+    index.checkpoint()
+    assert index._projection is None and index._state()["tuned_at"] == 150
+    index.add(clustered(130, 2), num_threads=1)  # 280: past the fit threshold, not doubled
+    done = index.checkpoint()
+    assert index._projection is not None and done.get("refit")
+    assert "calibration" in done and index._state()["tuned_at"] == 280

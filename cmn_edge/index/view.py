@@ -266,6 +266,16 @@ class ViewMixin:
         dim = self.num_concepts if self._projection is None else self._projection.dims
         return Graph.new(dim, capacity, self.M, self.ef_construction, self.seed)
 
+    def _graph_rebuild_due(self, refit: bool) -> bool:
+        """Whether folding rebuilds the graph in new directions: a projection first fitted
+        (the gallery just became large enough), fitted again, or dropped."""
+        wanted = self._wanted_graph_dims
+        if wanted is None:
+            return self._projection is not None  # set back to all concepts
+        return bool(
+            refit or (self._projection is None and self._live >= self._fit_threshold())
+        )
+
     def _fold_unlocked(self, rows: np.ndarray, num_threads: int = -1, refit: bool = False):
         """Put the items at ``rows`` into the graph (the tail, or part of it).
 
@@ -273,12 +283,7 @@ class ViewMixin:
         (or ``refit``), which rebuilds the graph from every live item in it plus ``rows``.
         """
         wanted = self._wanted_graph_dims
-        due = wanted and (
-            refit or (self._projection is None and self._live >= self._fit_threshold())
-        )
-        if wanted is None and self._projection is not None:
-            due = True  # set back to all concepts
-        if due:
+        if self._graph_rebuild_due(refit):
             members = np.flatnonzero(self._row_ids[: len(self._rows)] >= 0)
             ids = self._row_ids[members]
             in_graph = self._in_graph[ids]
