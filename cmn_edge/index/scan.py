@@ -23,7 +23,7 @@ import functools
 import importlib.resources
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import numpy as np
 
@@ -124,24 +124,26 @@ class ProjectedRows:
                 coded = self._fit(rows, total + total // GROWTH_DIVISOR)
             elif total > coded.capacity:
                 coded = coded.reserve(total + total // GROWTH_DIVISOR)
-            for first, segment in rows.segments():
-                with sequential(segment):
-                    for s in range(max(coded.rows - first, 0), len(segment), BUILD_CHUNK):
-                        block = segment[s : s + BUILD_CHUNK]
-                        coded.write(first + s, self.projection.to_graph(block))
+            for first, graph in self._projected(rows, coded.rows):
+                coded.write(first, graph)
             self.coded = dataclasses.replace(coded, rows=total)
+
+    def _projected(self, rows: VectorRows, start: int) -> Iterator[tuple[int, np.ndarray]]:
+        """(first row, rows in the graph's space) from row ``start`` on, BUILD_CHUNK at a
+        time, each segment read in order."""
+        for first, segment in rows.segments():
+            with sequential(segment):
+                for s in range(max(start - first, 0), len(segment), BUILD_CHUNK):
+                    yield first + s, self.projection.to_graph(segment[s : s + BUILD_CHUNK])
 
     def _fit(self, rows: VectorRows, capacity: int) -> _Codes:
         """Empty codes over the range of every dimension in all rows: a pass of its own,
         so no row read later in the coding pass is clipped."""
         low = np.full(self.projection.dims, np.inf, np.float32)
         high = np.full(self.projection.dims, -np.inf, np.float32)
-        for _first, segment in rows.segments():
-            with sequential(segment):
-                for s in range(0, len(segment), BUILD_CHUNK):
-                    graph = self.projection.to_graph(segment[s : s + BUILD_CHUNK])
-                    low = np.minimum(low, graph.min(axis=0))
-                    high = np.maximum(high, graph.max(axis=0))
+        for _first, graph in self._projected(rows, 0):
+            low = np.minimum(low, graph.min(axis=0))
+            high = np.maximum(high, graph.max(axis=0))
         step = (np.maximum(high - low, 1e-12) / (2 * CODE_MAX)).astype(np.float32)
         return dataclasses.replace(
             _Codes.empty(self.projection.dims, capacity), low=low, step=step, fitted_rows=len(rows)
