@@ -9,14 +9,13 @@ from __future__ import annotations
 import contextlib
 import io
 import os
-import threading
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Union
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, JpegImagePlugin
 
 from .metadata import Preprocess
 
@@ -71,22 +70,21 @@ def open_image(source: ImageInput, preprocess: Preprocess | None = None) -> Imag
     return decode_bytes(data, str(path), preprocess)
 
 
-#: Serialises the moments Pillow's own pixel limit is lifted (it is one process-wide value).
-_OPENING = threading.Lock()
-
-
 def _open_without_pillows_limit(buffer: io.BytesIO) -> Image.Image:
     """``Image.open`` without Pillow's refusal of images over 179 MP, which comes before a
     JPEG can be drafted down: a 200 MP phone photo decodes at 1/8 scale as 3 MP. The
     limit that protects this runtime is MAX_PIXELS, checked on the pixels to be decoded
-    before any is; Pillow's value is restored at once for the rest of the process."""
-    with _OPENING:
-        saved = Image.MAX_IMAGE_PIXELS
-        Image.MAX_IMAGE_PIXELS = None
-        try:
-            return Image.open(buffer)
-        finally:
-            Image.MAX_IMAGE_PIXELS = saved
+    before any is. Pillow checks its limit in ``Image.open``, not in its JPEG reader, so a
+    JPEG it refuses is opened again by that reader: Pillow's process-wide limit is never
+    lifted, not even for a moment another thread could open a bomb in."""
+    try:
+        return Image.open(buffer)
+    except Image.DecompressionBombError:
+        buffer.seek(0)
+        if buffer.read(3) != b"\xff\xd8\xff":  # not a JPEG: nothing can draft it down
+            raise
+        buffer.seek(0)
+        return JpegImagePlugin.jpeg_factory(buffer)
 
 
 def decode_bytes(data: bytes, source: str, preprocess: Preprocess | None = None) -> Image.Image:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import numpy as np
@@ -159,3 +160,27 @@ def test_a_photo_over_pillows_own_limit_is_drafted_down_not_refused(tmp_path: Pa
     with pytest.raises(pp.ImageError, match="16000x12000, above the 100,000,000 pixel limit"):
         pp.open_image(photo)  # decoded whole, it is still refused, by this runtime's limit
     assert Image.MAX_IMAGE_PIXELS == limit  # Pillow's own, for the rest of the process
+
+
+def test_pillows_limit_is_never_lifted_while_a_large_photo_opens(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Opening a JPEG over Pillow's limit once set ``Image.MAX_IMAGE_PIXELS = None`` for a
+    moment: another thread's ``Image.open`` in that moment (an app's own code) had no
+    bomb check at all. Every assignment to Pillow's module is now watched, and a bomb that
+    is not a JPEG is still refused by Pillow."""
+    photo = tmp_path / "200mp.jpg"
+    Image.new("L", (16000, 12000), 128).save(photo, quality=50)
+    bomb = tmp_path / "bomb.png"
+    Image.new("1", (16000, 12000)).save(bomb)  # 1-bit: a few hundred KB, 192 MP
+
+    class Watched(types.ModuleType):
+        def __setattr__(self, name: str, value: object) -> None:
+            if name == "MAX_IMAGE_PIXELS":
+                raise AssertionError(f"Image.MAX_IMAGE_PIXELS set to {value}")
+            super().__setattr__(name, value)
+
+    monkeypatch.setattr(Image, "__class__", Watched)
+    assert pp.open_image(photo, PRE).size == (2000, 1500)
+    with pytest.raises(pp.ImageError, match=f"{bomb}: decompression bomb refused"):
+        pp.open_image(bomb, PRE)
