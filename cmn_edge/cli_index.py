@@ -47,13 +47,10 @@ then part of the object). The index must keep region maps (``index build --regio
 from __future__ import annotations
 
 import csv
-import glob
 import json
 import os
 import shutil
-import socket
 import sys
-import uuid
 from pathlib import Path
 
 import click
@@ -70,7 +67,7 @@ from .cli_common import (
 )
 from .dataset import passed_over_note
 from .embedder import Embedder, check_folder, list_images
-from .files import publish_folder
+from .files import publish_folder, staging_folder
 from .index import ConceptIndex, ConceptIndexError, Index, embedder_for_index, is_index_dir
 from .index.rerank import DEFAULT_DEPTH, RERANK_CHOICES
 from .index.sync import NOT_UTF8, check_storable_folder, storable_name
@@ -358,7 +355,7 @@ def build(
             # fails or is interrupted leaves it as it was
             replacing, created = True, True
             target = index_dir.resolve()  # `--index .` has no name to put a sibling beside
-            build_dir = _replacement_dir(target)
+            build_dir = staging_folder(target)
         idx = Index.create(
             build_dir,
             embedder,
@@ -421,33 +418,6 @@ def build(
     if report.skipped:
         _warn(f"{len(report.skipped)} unreadable image(s) left out (listed above)")
     click.echo(f"indexed {count} images into {index_dir} ({model_id})")
-
-
-def _replacement_dir(target: Path) -> Path:
-    """A new hidden sibling to build a replacement of ``target`` in, named after this
-    process and host; earlier ones of this host whose process is gone (a build killed
-    with -9, a power cut: a whole index's size each, which nothing else would ever remove)
-    are deleted first. Another host's (an index on a share) are left alone: its process
-    numbers mean nothing here."""
-    host = socket.gethostname()
-    for stale in target.parent.glob(f".{glob.escape(target.name)}.new-*"):
-        owner = stale.name.rsplit(".new-", 1)[1].rpartition("-")[0]
-        pid, _, built_on = owner.partition("@")
-        if pid.isdigit() and built_on == host and not _process_alive(int(pid)):
-            shutil.rmtree(stale, ignore_errors=True)
-    return target.with_name(f".{target.name}.new-{os.getpid()}@{host}-{uuid.uuid4().hex[:8]}")
-
-
-def _process_alive(pid: int) -> bool:
-    if os.name == "nt":  # os.kill there terminates the process: never ask
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OverflowError, OSError):
-        return True  # another user's, or unknowable: left alone
-    return True
 
 
 @index.command("sync")

@@ -16,14 +16,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .files import publish_folder, write_text_atomic
+from .files import publish_folder, staging_folder, write_text_atomic
 
 if TYPE_CHECKING:  # the scale extra; imported for real only when a folder is written
     import pyarrow as pa
@@ -181,8 +180,9 @@ def finish_folder(
 
 
 def staging(out: Path) -> Path:
-    """A new hidden folder beside ``out`` for the parts (same file system: rename works)."""
-    temp = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:8]}")
+    """A new hidden folder beside ``out`` for the parts (same file system: rename works);
+    those of killed jobs are removed (``files.staging_folder``)."""
+    temp = staging_folder(out)
     temp.mkdir()
     return temp
 

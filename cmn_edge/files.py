@@ -79,6 +79,8 @@ def publish_folder(temp: str | os.PathLike, target: str | os.PathLike) -> None:
     (Linux's ``renameat2(RENAME_EXCHANGE)``), then removed: at every moment ``target`` is
     the old folder or the new one. Elsewhere it is moved aside first, and for the moment
     between the two renames ``target`` is absent (the old folder then waits beside it).
+    A kill just after the swap leaves the old folder under ``temp``'s name: a ``temp``
+    from :func:`staging_folder` is removed by the next one.
     """
     import shutil
     import uuid
@@ -98,6 +100,42 @@ def publish_folder(temp: str | os.PathLike, target: str | os.PathLike) -> None:
     # this one, and any an interrupted clean-up left (never needed: target is whole)
     for stale in parent.glob(f".{glob.escape(target.name)}.old-*"):
         shutil.rmtree(stale, ignore_errors=True)
+
+
+def staging_folder(target: str | os.PathLike) -> Path:
+    """A new hidden sibling of ``target`` (same file system, so :func:`publish_folder` can
+    rename it) to build its replacement in, named after this process and host; not made.
+
+    Earlier ones of this host whose process is gone are removed first: a job killed with
+    -9 or a power cut, or one killed inside ``publish_folder`` just after the swap (then
+    the sibling holds the *old* folder). Each is a whole index or embeddings folder that
+    nothing else would ever remove. Another host's (a folder on a share) are left alone:
+    its process numbers mean nothing here.
+    """
+    import shutil
+    import socket
+    import uuid
+
+    target = Path(target)
+    host = socket.gethostname()
+    for stale in target.parent.glob(f".{glob.escape(target.name)}.new-*"):
+        owner = stale.name.rsplit(".new-", 1)[1].rpartition("-")[0]
+        pid, _, built_on = owner.partition("@")
+        if pid.isdigit() and built_on == host and not _process_alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
+    return target.with_name(f".{target.name}.new-{os.getpid()}@{host}-{uuid.uuid4().hex[:8]}")
+
+
+def _process_alive(pid: int) -> bool:
+    if os.name == "nt":  # os.kill there terminates the process: never ask
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, OSError):
+        return True  # another user's, or unknowable: left alone
+    return True
 
 
 def _exchange(a: Path, b: Path) -> bool:
@@ -213,6 +251,7 @@ __all__ = [
     "fsync_dir",
     "is_special_file",
     "publish",
+    "staging_folder",
     "write_bytes_atomic",
     "write_text_atomic",
 ]

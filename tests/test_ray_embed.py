@@ -192,6 +192,37 @@ def test_a_failed_write_leaves_no_output(tmp_path, monkeypatch):
     assert folder.read_embeddings(out)["path"].to_pylist() == ["a", "b", "c"]
 
 
+
+def test_a_killed_write_leaves_nothing_the_next_write_does_not_remove(tmp_path):
+    """A job killed with -9 while writing its parts, or inside the publish just after the
+    swap (the staging folder then holds the *old* output), left a hidden folder the size of
+    the output that nothing removed. The next write to the same output removes this
+    host's dead ones and keeps a running job's."""
+    pytest.importorskip("pyarrow")
+    import socket
+
+    from cmn_edge import embeddings_folder as folder
+
+    out = tmp_path / "vectors"
+    vectors = np.eye(3, 4, dtype=np.float32)
+    staged = folder.staging(out)
+    host = socket.gethostname()
+    assert staged.name.startswith(f".vectors.new-{os.getpid()}@{host}-")
+    ended = subprocess.Popen([sys.executable, "-c", "pass"])
+    ended.wait()
+    dead = tmp_path / f".vectors.new-{ended.pid}@{host}-0000abcd"
+    other_host = tmp_path / f".vectors.new-{ended.pid}@another-host-0000abcd"
+    for debris in (dead, other_host):
+        debris.mkdir()
+        (debris / "part-00000.parquet").write_bytes(b"x" * 1000)
+    folder.write_embeddings(
+        out, ["a", "b", "c"], vectors, [None] * 3, model_id="m@1", precision="fp32"
+    )
+    assert not dead.exists()
+    assert staged.is_dir() and other_host.is_dir()  # this process's, and a share's
+    assert folder.read_embeddings(out)["path"].to_pylist() == ["a", "b", "c"]
+
+
 MISSING_EXTRA = textwrap.dedent(
     """
     import sys
