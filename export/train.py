@@ -26,7 +26,7 @@ from cmn_edge.metrics import retrieval_metrics
 
 from . import data as D
 from .checkpoint import CHECKPOINT_FORMAT, CheckpointError, load_checkpoint, save_atomic
-from .heads import build_model, get_head, head_option_values
+from .heads import build_model, frozen_head_parameters, get_head, head_option_values
 from .model import BackboneModel
 
 
@@ -179,10 +179,16 @@ class Trainer:
                 p.requires_grad_(False)
         self.model.freeze_batchnorm()
         self.backbone_params = [p for p in backbone_params if p.requires_grad]
+        #: --head-train: the head's weights that stay where --head-init put them
+        self.frozen_head = frozen_head_parameters(self.model, settings)
+        parameters = dict(self.model.named_parameters())
+        for name in self.frozen_head:
+            parameters[name].requires_grad_(False)
+        head_params = [p for p in self.model.head.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(
             [
                 {"params": self.backbone_params, "lr": config.lr},
-                {"params": self.model.head.parameters(), "lr": config.lr * config.head_lr_mult},
+                {"params": head_params, "lr": config.lr * config.head_lr_mult},
                 {
                     "params": self.criterion.parameters(),
                     "lr": config.lr * config.proxy_lr_mult,

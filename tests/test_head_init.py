@@ -109,7 +109,8 @@ def test_training_from_the_features_reloads_and_exports_with_its_head_options(
     moved = (trainer.model.head.token_proj.weight - identity).abs().max()
     assert 0 < moved < 0.1, moved
     report = json.loads((out / "report.json").read_text())
-    assert report["config"]["head_options"] == {"token_norm": "none", "init": "features"}
+    expected = {"token_norm": "none", "init": "features", "train": "all"}
+    assert report["config"]["head_options"] == expected
 
     state = load_checkpoint(best)
     model = build_model(state["config"])
@@ -132,6 +133,8 @@ def test_training_from_the_features_reloads_and_exports_with_its_head_options(
         (["--token-norm", "batch"], "'batch' is not one of 'layer', 'none'"),
         (["--head-init", "pca"], "'pca' is not one of 'random', 'features'"),
         (["--head", "dgml", "--head-init", "features"], "--head-init applies to --head cmn"),
+        (["--head-train", "attention"], "--head-train attention needs --head-init features"),
+        (["--head-train", "keys"], "'keys' is not one of 'all', 'attention', 'none'"),
     ],
 )
 def test_train_refuses_head_options_it_cannot_honour(labelled_folder, tmp_path, extra, expected):
@@ -154,3 +157,40 @@ def test_a_start_that_no_epoch_beats_on_the_hold_out_stays_best(labelled_folder,
     assert report["history"][0]["val"]["MAP@R"] <= report["best"]["val"]["MAP@R"]
     saved = load_checkpoint(best)["model"]
     assert torch.equal(saved["head.token_proj.weight"], torch.eye(1280))
+
+
+@pytest.mark.parametrize(
+    ("train", "moving"),
+    [("attention", {"head.key_norm", "head.key_proj"}), ("none", set()), ("all", None)],
+)
+def test_head_train_keeps_what_each_concept_measures_where_the_features_put_it(
+    labelled_folder, tmp_path, train, moving
+):
+    """``--head-train attention``: the concept vectors, queries and token projection stay at
+    the features start (what each concept measures) and only the keys (where it looks) and
+    the backbone move; ``none``: the backbone alone. ``all`` moves every group, so the
+    comparison can tell them apart."""
+    config = features_config(labelled_folder, tmp_path / "run")
+    config.head_options = {**config.head_options, "train": train}
+    config.warmup_epochs = 0
+    trainer = Trainer(config)
+    trainer.initialise_head()
+    start = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    trainer.fit()
+    after = trainer.model.state_dict()
+    moved = {
+        k for k in start if start[k].is_floating_point() and not torch.equal(start[k], after[k])
+    }
+    head_groups = {
+        k.rsplit(".", 1)[0] if "." in k[5:] else k for k in moved if k.startswith("head.")
+    }
+    if moving is None:
+        assert {
+            "head.concepts",
+            "head.query_proj",
+            "head.token_proj",
+            "head.key_proj",
+        } <= head_groups
+    else:
+        assert head_groups == moving
+    assert any(k.startswith("backbone.tail") for k in moved)
