@@ -312,7 +312,11 @@ class Trainer:
                 totals["distill"] += distill.item()
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_value_(self.model.parameters(), 10)
+            # only what has gradients: with --head-train none the warm-up trains the
+            # proxies alone, and torch refuses to clip an empty list
+            trained = [p for p in self.model.parameters() if p.grad is not None]
+            if trained:
+                torch.nn.utils.clip_grad_value_(trained, 10)
             torch.nn.utils.clip_grad_value_(self.criterion.parameters(), 10)
             self.optimizer.step()
             totals["loss"] += loss.item()

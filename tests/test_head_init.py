@@ -171,8 +171,7 @@ def test_head_train_keeps_what_each_concept_measures_where_the_features_put_it(
     the backbone move; ``none``: the backbone alone. ``all`` moves every group, so the
     comparison can tell them apart."""
     config = features_config(labelled_folder, tmp_path / "run")
-    config.head_options = {**config.head_options, "train": train}
-    config.warmup_epochs = 0
+    config.head_options = {**config.head_options, "train": train}  # warm-up: 1 of 2 epochs
     trainer = Trainer(config)
     trainer.initialise_head()
     start = {k: v.clone() for k, v in trainer.model.state_dict().items()}
