@@ -179,10 +179,8 @@ class Trainer:
                 p.requires_grad_(False)
         self.model.freeze_batchnorm()
         self.backbone_params = [p for p in backbone_params if p.requires_grad]
-        #: --head-train: the head's weights that stay where --head-init put them
-        self.frozen_head = frozen_head_parameters(self.model, settings)
         parameters = dict(self.model.named_parameters())
-        for name in self.frozen_head:
+        for name in frozen_head_parameters(self.model, settings):  # --head-train
             parameters[name].requires_grad_(False)
         head_params = [p for p in self.model.head.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(

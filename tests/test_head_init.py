@@ -184,12 +184,8 @@ def test_head_train_keeps_what_each_concept_measures_where_the_features_put_it(
         k.rsplit(".", 1)[0] if "." in k[5:] else k for k in moved if k.startswith("head.")
     }
     if moving is None:
-        assert {
-            "head.concepts",
-            "head.query_proj",
-            "head.token_proj",
-            "head.key_proj",
-        } <= head_groups
+        every = {"head.concepts", "head.query_proj", "head.token_proj", "head.key_proj"}
+        assert every <= head_groups
     else:
         assert head_groups == moving
     assert any(k.startswith("backbone.tail") for k in moved)

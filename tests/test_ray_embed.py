@@ -192,7 +192,6 @@ def test_a_failed_write_leaves_no_output(tmp_path, monkeypatch):
     assert folder.read_embeddings(out)["path"].to_pylist() == ["a", "b", "c"]
 
 
-
 def test_a_killed_write_leaves_nothing_the_next_write_does_not_remove(tmp_path):
     """A job killed with -9 while writing its parts, or inside the publish just after the
     swap (the staging folder then holds the *old* output), left a hidden folder the size of
