@@ -50,9 +50,10 @@ def main() -> None:
     parser.add_argument("--alphas", default="", help="comma-separated interpolation weights")
     parser.add_argument("--swap", nargs="*", default=[], help="groups taken from END")
     args = parser.parse_args()
-    start = load_checkpoint(args.start)["model"]
+    start_checkpoint = load_checkpoint(args.start)
+    start = start_checkpoint["model"]
     end = load_checkpoint(args.end, trusted=True)["model"]
-    trainer = Trainer(TrainConfig(**load_checkpoint(args.start)["config"]))
+    trainer = Trainer(TrainConfig(**start_checkpoint["config"]))
     torch.set_grad_enabled(False)
     tests = {Path(r).name: D.merge_datasets([r], "test")[0] for r in trainer.config.datasets}
 
