@@ -656,3 +656,39 @@ def test_renormalised_scoring_leaves_the_stored_vectors_alone(tmp_path, gallery,
             np.testing.assert_allclose(exact_scores, ref_scores, rtol=1e-5, atol=1e-6)
             assert len(set(ids.tolist()) & set(exact_ids.tolist())) >= 8
         assert np.array_equal(index._rows.gather(rows), before)
+
+
+def test_many_exact_searches_at_once_find_what_each_finds_alone(
+    tmp_path, gallery, queries, monkeypatch
+):
+    """Calibration's truth, found in one pass per batch of queries, is the exact search's:
+    mixed plain, excluding and renormalised masks, each query with its own excluded ids,
+    removed items and a tail not yet in the graph, in batches smaller than the queries."""
+    index = ConceptIndex.create(tmp_path / "idx", DIM, "m@1", exact_below=0)
+    index.auto_checkpoint = False
+    index.add(gallery[:2000], num_threads=1)
+    index.checkpoint()
+    index.add(gallery[2000:2300], num_threads=1)  # the tail
+    index.remove([3, 17, 2100])
+    rng = np.random.default_rng(5)
+    controls = [
+        {},
+        {"exclude": [1, 2, 3]},
+        {"exclude": list(range(0, DIM, 2)), "renormalize": True},
+        {"weights": {4: 2.0, 9: 0.5}},
+        {"only": list(range(16)), "renormalize": True},
+    ] * 8
+    exclude = [set(rng.choice(2300, 3, replace=False).tolist()) | {17} for _ in controls]
+    picked = queries[: len(controls)]
+    monkeypatch.setattr(index_module.search, "BATCH_SCORES", 2300 * 7)  # 7 queries a batch
+    together = index.exact_ids_many(picked, 10, controls, exclude)
+    for q, c, e, ids in zip(picked, controls, exclude, together):
+        alone, _ = index.search_ids(q, 10, exact=True, exclude_ids=e, **c)
+        assert ids.tolist() == alone.tolist()
+        assert not {3, 17, 2100} & set(ids.tolist()) and not e & set(ids.tolist())
+    blind = np.zeros((1, DIM), np.float32)
+    blind[0, 20] = 1.0  # nothing in concepts 0-7
+    with pytest.raises(ConceptError, match="remove everything"):
+        index.exact_ids_many(blind, 10, [{"only": list(range(8))}])
+    with pytest.raises(ConceptIndexError, match="one control and one exclusion per query"):
+        index.exact_ids_many(picked[:2], 10, [{}])

@@ -755,6 +755,36 @@ class ConceptIndex(
         with self._lock.read():
             return self._search_unlocked(q, k, plan, where, exact, exclude_ids)
 
+    def exact_ids_many(
+        self,
+        queries: np.ndarray,
+        k: int = 10,
+        controls: Sequence[Mapping] | None = None,
+        exclude_ids: Sequence[Iterable[int]] | None = None,
+    ) -> list[np.ndarray]:
+        """The ids ``search_ids(q, k, exact=True, exclude_ids=..., **controls)`` gives for
+        each query, found together: calibration measures its walks against these."""
+        queries = self._vectors(queries)
+        controls = [{} for _ in queries] if controls is None else list(controls)
+        exclude = [set() for _ in queries] if exclude_ids is None else exclude_ids
+        exclude = [{int(i) for i in e} for e in exclude]
+        if not len(controls) == len(exclude) == len(queries):
+            raise ConceptIndexError("exact_ids_many: one control and one exclusion per query")
+        k = int(k)
+        if k < 1:
+            raise ConceptIndexError(f"k must be at least 1, not {k}")
+        plans = [self.plan(**c) for c in controls]
+        for q, plan in zip(queries, plans):
+            if plan.weights is not None and not np.any(q * plan.weights):
+                raise ConceptError(
+                    f"{self._where()}: the concept controls remove everything this query has"
+                )
+        self._fresh()
+        with self._lock.read():
+            if self._live == 0:
+                raise ConceptIndexError(f"{self._where()}: the index is empty")
+            return self._exact_many_unlocked(queries, k, plans, exclude)
+
     def search_id(self, item_id: int, k: int = 10, **kwargs) -> list[Hit]:
         """More like an item already in the index (the item itself is left out)."""
         vector = self.embedding(item_id)

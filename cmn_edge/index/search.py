@@ -18,6 +18,8 @@ from .plan import Plan
 from .scan import SCAN_AFTER, ProjectedRows
 
 CHUNK = 32768
+#: Scores held at once by a batch of exact searches (rows x queries): 64 MiB of float32.
+BATCH_SCORES = 16 * 2**20
 
 
 class SearchMixin:
@@ -311,6 +313,68 @@ class SearchMixin:
             ids = self._row_ids[rows]
         order = self._top_k(scores, ids, k)
         return ids[order], scores[order]
+
+    def _exact_many_unlocked(
+        self, queries: np.ndarray, k: int, plans: list[Plan], exclude: list[set[int]]
+    ) -> list[np.ndarray]:
+        """The ids :meth:`_exact_unlocked` finds over every live item, for many queries in
+        one pass over the vectors per batch of them.
+
+        Calibration's truth: at 75k items its 1,000 exact searches, one pass over all
+        150 MB of vectors each, took 18 s of a checkpoint, and the walks they judge 0.9 s.
+        A matrix product sums in another order than one query's, so a score may differ in
+        its last bit: only a tie at the k-th place could tell.
+        """
+        rows = sum(len(segment) for _first, segment in self._rows.segments())
+        ids_all = self._row_ids[:rows]
+        dead = ids_all < 0
+        batch = max(1, BATCH_SCORES // max(rows, 1))
+        out: list[np.ndarray] = []
+        for start in range(0, len(queries), batch):
+            chosen = range(start, min(start + batch, len(queries)))
+            scores = self._score_columns(queries[start : chosen.stop], plans[start : chosen.stop])
+            for j, column in zip(chosen, scores.T):
+                excluded = {i for i in exclude[j] if self._has(i)}
+                invalid = dead.copy()
+                if excluded:
+                    invalid[self._id_rows[np.fromiter(excluded, np.int64, len(excluded))]] = True
+                keep = np.flatnonzero(~invalid)
+                order = self._top_k(column[keep], ids_all[keep], min(k, self._live - len(excluded)))
+                out.append(ids_all[keep][order])
+        return out
+
+    def _score_columns(self, queries: np.ndarray, plans: list[Plan]) -> np.ndarray:
+        """[rows, queries] exact scores, each query under its own plan (:meth:`_score_block`
+        for many queries: the renormalised masked cosine as :meth:`_renormalized_scores`)."""
+        columns = []
+        for q, plan in zip(queries, plans):
+            if plan.weights is None:
+                columns.append(q)
+            elif plan.renormalize:
+                qv = q * plan.weights
+                columns.append((qv / np.float32(np.linalg.norm(qv))) * plan.weights)
+            else:
+                columns.append(q * plan.weights)
+        matrix = np.stack(columns, axis=1).astype(np.float32, copy=False)
+        renormalized = [j for j, plan in enumerate(plans) if plan.renormalize]
+        squares = (
+            np.stack([plans[j].weights * plans[j].weights for j in renormalized], axis=1)
+            if renormalized
+            else None
+        )
+        parts = [np.zeros((0, len(plans)), dtype=np.float32)]
+        for _first, segment in self._rows.segments():
+            for s in range(0, len(segment), CHUNK):
+                block = segment[s : s + CHUNK]
+                scores = block @ matrix
+                if squares is not None:
+                    norms = np.sqrt((block * block) @ squares)
+                    ip = scores[:, renormalized]
+                    scores[:, renormalized] = np.divide(
+                        ip, norms, out=np.zeros_like(ip), where=norms > 0
+                    )
+                parts.append(scores)
+        return np.concatenate(parts).astype(np.float32, copy=False)
 
     @staticmethod
     def _top_k(scores: np.ndarray, ids: np.ndarray, k: int) -> np.ndarray:
