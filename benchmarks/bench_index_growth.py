@@ -20,7 +20,8 @@ For each gallery size (synthetic vectors drawn like real ones: see ``bench_index
 - peak RSS of this process (``resource.getrusage``), which built the index and ran the
   rest: an upper bound of what a writer needs.
 - grown through add (``--grow-from``): an index grown from that size to N in batches,
-  re-tuned by itself on the way, then masked recall@10 on held-out queries.
+  re-tuned (and checked between tunings) by itself on the way, then masked recall@10 on
+  held-out queries.
 
 Prints figures, asserts nothing. The CPU class (AVX-512 VNNI / AVX-VNNI / AVX2) is printed
 with them: graph walks and numpy scans depend on it.
@@ -259,6 +260,7 @@ def grown(folder: Path, data: np.ndarray, start: int, queries: np.ndarray, args)
         "mask_ef_power": index.mask_ef_power,
         "renorm_ef_power": index.renorm_ef_power,
         "tuned_at": state["tuned_at"],
+        "checked_at": max(state.get("checked_at", 0), state["tuned_at"]),
         "fitted_at": state["fitted_at"],
         "checkpoints": index._store.checkpoint().gen,
         "masks": rows,
@@ -375,7 +377,8 @@ def main() -> None:
             )
             print(
                 f"  grown {g['from']} -> {g['to']} through add in {g['grow_s']:.0f} s "
-                f"({g['checkpoints']} checkpoints, tuned at {g['tuned_at']}, projection "
+                f"({g['checkpoints']} checkpoints, tuned at {g['tuned_at']}, checked at "
+                f"{g['checked_at']}, projection "
                 f"fitted at {g['fitted_at']}, ef {g['ef']}, mask exponent "
                 f"{g['mask_ef_power']:g} (renormalised {g['renorm_ef_power']:g}), {tail} items "
                 f"in the tail): recall@10 {masks}"

@@ -97,8 +97,8 @@ def test_the_tail_is_checkpointed_automatically_and_readers_follow(tmp_path):
 
 
 def test_calibration_follows_the_gallery_as_it_grows(tmp_path):
-    """Grown from 500 to 8,000 through add, the index re-tunes itself at each doubling and
-    keeps masked recall@10 at the target."""
+    """Grown from 500 to 8,000 through add, the index re-tunes itself at each doubling (or
+    sooner, when a check finds the depth short) and keeps masked recall@10 at the target."""
     folder = tmp_path / "tune.idx"
     data = clustered(8300, 3)
     index = ConceptIndex(
@@ -112,7 +112,9 @@ def test_calibration_follows_the_gallery_as_it_grows(tmp_path):
         writer.add(data[start : start + 250], num_threads=1)
         tuned.append(writer._state()["tuned_at"])
     steps = sorted(set(tuned) - {0})
-    assert len(steps) >= 3 and all(b >= 2 * a for a, b in zip(steps, steps[1:]))
+    # never more than a doubling (and the checkpoint that notices it) without a tuning
+    assert len(steps) >= 3 and all(b <= 2 * a + 500 + 250 for a, b in zip(steps, steps[1:]))
+    assert steps[-1] * 2 + 750 > 8000
     done = writer.optimize()  # and on demand
     assert done["calibration"]["queries"] > 0
     fresh = data[8000:]
@@ -120,6 +122,57 @@ def test_calibration_follows_the_gallery_as_it_grows(tmp_path):
     assert reader.ef > 8  # the depth rose with the graph
     assert reader.recall(fresh) >= 0.97
     assert reader.recall(fresh, exclude=list(range(0, DIM, 2))) >= 0.95
+
+
+def _tuned_then_grown(tmp_path, grow: int) -> tuple[ConceptIndex, np.ndarray]:
+    """An index tuned at 2,000 items that then took ``grow`` more, not yet checkpointed;
+    and 100 fresh items from the same clusters."""
+    data = clustered(2100 + grow, 4)
+    index = ConceptIndex.create(
+        tmp_path / "idx", DIM, "m@1", exact_below=0, ef=8, M=8, ef_construction=40
+    )
+    index.auto_checkpoint = False
+    index.add(data[:2000], num_threads=1)
+    index.checkpoint(retune=True)
+    assert index._state()["tuned_at"] == 2000
+    index.add(data[2000:-100], num_threads=1)
+    return index, data[-100:]
+
+
+def test_a_checkpoint_checks_the_tuned_depth_between_doublings(tmp_path):
+    """Grown by a quarter, the graph is checked against the target on the new items (which
+    join it afterwards); a depth that still reaches it is kept, and the check is recorded."""
+    index, _ = _tuned_then_grown(tmp_path, 600)
+    index.ef = 200  # deep enough for any graph of this size
+    before = (index.ef, index.mask_ef_power, index.renorm_ef_power)
+    done = index.checkpoint()
+    check = done["check"]
+    assert check["ok"] and check["queries"] == 120 and "calibration" not in done
+    assert check["recall"] >= 0.98 and set(check["masked_recall"]) == {
+        "0.1",
+        "0.1 renormalized",
+        "0.5",
+        "0.5 renormalized",
+    }
+    state = index._state()
+    assert state["tuned_at"] == 2000 and state["checked_at"] == 2600
+    assert index.manifest()["checkpoint"]["checked_at"] == 2600  # `index info` shows it
+    assert (index.ef, index.mask_ef_power, index.renorm_ef_power) == before
+    assert len(index) == 2600 and index.manifest()["counts"]["tail"] == 0
+    assert "check" not in index.checkpoint()  # not again until it grows another quarter
+
+
+def test_a_depth_that_falls_short_of_the_target_is_tuned_again_before_the_doubling(tmp_path):
+    """What the check is for: a walk too shallow for the grown graph is re-tuned at once
+    instead of serving below the target until the gallery doubles."""
+    index, fresh = _tuned_then_grown(tmp_path, 600)
+    index.ef, index.mask_ef_power, index.renorm_ef_power = 1, 0.0, 0.0  # far too shallow
+    done = index.checkpoint()
+    assert not done["check"]["ok"] and done["calibration"]["queries"] == 120
+    assert index.ef > 1 and index._state()["tuned_at"] == 2600
+    reader = ConceptIndex.load(tmp_path / "idx")
+    assert reader.ef == index.ef  # the new depth is what the checkpoint wrote
+    assert reader.recall(fresh) >= 0.97
 
 
 WRITER = """

@@ -16,7 +16,7 @@ import numpy as np
 
 from ..files import atomic_path, fsync_dir
 from . import regions as db_regions
-from .calibrate import REFIT_GROWTH, RETUNE_GROWTH
+from .calibrate import CHECK_GROWTH, REFIT_GROWTH, RETUNE_GROWTH
 from .errors import ConceptIndexError, IndexCorruptError
 from .store import (
     DB_FILE,
@@ -83,6 +83,7 @@ class PersistenceMixin:
                 "graph_bytes": ckpt.graph_bytes,
                 "vector_rows": ckpt.vector_rows,
                 "tuned_at": state.get("tuned_at", 0),
+                "checked_at": state.get("checked_at", 0),
                 "fitted_at": state.get("fitted_at", 0),
             },
             "regions": self._regions_manifest(),
@@ -255,6 +256,7 @@ class PersistenceMixin:
                     if not refit:
                         state["fitted_at"] = live  # still fits: look again after more growth
                 tuned_at = int(state.get("tuned_at", 0))
+                check = False
                 if retune is None:
                     # a graph rebuilt in new directions (a projection fitted or refitted)
                     # is not the one the depth was tuned on (grown 1k -> 100k, tuned at 63k,
@@ -262,32 +264,43 @@ class PersistenceMixin:
                     grown = live >= max(tuned_at, 1) * RETUNE_GROWTH
                     rebuilt = self._graph_rebuild_due(bool(refit))
                     retune = live > self.exact_below and (grown or rebuilt)
+                    looked_at = max(int(state.get("checked_at", 0)), tuned_at, 1)
+                    check = (
+                        not retune
+                        and tuned_at > 0
+                        and live > self.exact_below
+                        and live >= looked_at * CHECK_GROWTH
+                    )
                 held = np.zeros(0, np.int64)
-                if retune and len(tail) >= 5:
+                if (retune or check) and len(tail) >= 5:
                     # tune on items the graph has not seen yet: a user's query is one of those
                     held = tail[-min(200, len(tail) // 5) :]
                     tail = np.setdiff1d(tail, held)
                 if self._fold_unlocked(tail, num_threads, refit=refit):
                     state["fitted_at"] = live
                     done["refit"] = True
+                queries = self._rows.gather(held) if len(held) else None
+                own = self._row_ids[held] if len(held) else None
+                if check and queries is not None:
+                    done["check"] = self.meets_target(queries, exclude_own=own)
+                    state["checked_at"] = live
+                    retune = not done["check"]["ok"]
                 if retune:
-                    queries = self._rows.gather(held) if len(held) else None
-                    own = self._row_ids[held] if len(held) else None
                     self._tuning = True
                     try:
                         done["calibration"] = self.calibrate(queries=queries, exclude_own=own)
                     finally:
                         self._tuning = False
-                    state["tuned_at"] = live
-                    if len(held):
-                        self._fold_unlocked(held, num_threads)
+                    state["tuned_at"] = state["checked_at"] = live
+                if len(held):
+                    self._fold_unlocked(held, num_threads)
                 dead = int((self._row_ids[: len(self._rows)] < 0).sum())
                 if compact is None:
                     compact = dead * 4 > len(self._rows)
                 ckpt = self._write_checkpoint_files(self._store, compact=compact)
                 state = {
                     **self._state(),
-                    **{k: state[k] for k in ("fitted_at", "tuned_at") if k in state},
+                    **{k: state[k] for k in ("fitted_at", "tuned_at", "checked_at") if k in state},
                 }
                 state["tail"] = 0
                 self._store.set_info("state", state)
@@ -311,7 +324,7 @@ class PersistenceMixin:
             return  # inside a checkpoint, which records it in the same transaction
         with self._store.write():
             state = self._state()
-            state["tuned_at"] = int(live)
+            state["tuned_at"] = state["checked_at"] = int(live)
             self._store.set_info("state", state)
             self._store.set_info("params", self._params())
 

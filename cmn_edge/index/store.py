@@ -76,7 +76,15 @@ def create_schema(conn: sqlite3.Connection) -> None:
 
 def new_state() -> dict:
     """The change counter's record of a new index (the ``state`` info row)."""
-    return {"seq": 0, "next_id": 0, "count": 0, "tail": 0, "tuned_at": 0, "fitted_at": 0}
+    return {
+        "seq": 0,
+        "next_id": 0,
+        "count": 0,
+        "tail": 0,
+        "tuned_at": 0,
+        "checked_at": 0,
+        "fitted_at": 0,
+    }
 
 
 def _read_only_mount(path: Path) -> bool:
