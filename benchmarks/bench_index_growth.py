@@ -260,7 +260,7 @@ def grown(folder: Path, data: np.ndarray, start: int, queries: np.ndarray, args)
         "mask_ef_power": index.mask_ef_power,
         "renorm_ef_power": index.renorm_ef_power,
         "tuned_at": state["tuned_at"],
-        "checked_at": max(state.get("checked_at", 0), state["tuned_at"]),
+        "checked_at": index.manifest()["checkpoint"]["checked_at"],
         "fitted_at": state["fitted_at"],
         "checkpoints": index._store.checkpoint().gen,
         "masks": rows,

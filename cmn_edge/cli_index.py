@@ -550,7 +550,7 @@ def info(index_dir: Path, as_json: bool) -> None:
     click.echo(
         f"storage:   checkpoint {ckpt['gen']}, {counts['tail']} item(s) changed since "
         f"(searched exactly); tuned at {ckpt['tuned_at']} items, checked at "
-        f"{max(ckpt['checked_at'], ckpt['tuned_at'])}"
+        f"{ckpt['checked_at']}"
     )
     if manifest["root"]:
         click.echo(f"root:      {manifest['root']}")

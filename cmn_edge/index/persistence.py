@@ -28,6 +28,12 @@ from .store import (
 )
 
 
+def _last_look(state: dict) -> int:
+    """The gallery size at which the tuned depth was last measured: a tuning or a check
+    (an index from before the checks records tunings only)."""
+    return max(int(state.get("checked_at", 0)), int(state.get("tuned_at", 0)))
+
+
 class PersistenceMixin:
     """Checkpoints and whole-index operations; mixed into :class:`~.core.ConceptIndex`."""
 
@@ -83,7 +89,7 @@ class PersistenceMixin:
                 "graph_bytes": ckpt.graph_bytes,
                 "vector_rows": ckpt.vector_rows,
                 "tuned_at": state.get("tuned_at", 0),
-                "checked_at": state.get("checked_at", 0),
+                "checked_at": _last_look(state),
                 "fitted_at": state.get("fitted_at", 0),
             },
             "regions": self._regions_manifest(),
@@ -264,12 +270,11 @@ class PersistenceMixin:
                     grown = live >= max(tuned_at, 1) * RETUNE_GROWTH
                     rebuilt = self._graph_rebuild_due(bool(refit))
                     retune = live > self.exact_below and (grown or rebuilt)
-                    looked_at = max(int(state.get("checked_at", 0)), tuned_at, 1)
                     check = (
                         not retune
                         and tuned_at > 0
                         and live > self.exact_below
-                        and live >= looked_at * CHECK_GROWTH
+                        and live >= _last_look(state) * CHECK_GROWTH
                     )
                 held = np.zeros(0, np.int64)
                 if (retune or check) and len(tail) >= 5:

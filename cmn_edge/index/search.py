@@ -251,12 +251,21 @@ class SearchMixin:
                 break
         return math.sqrt(max(total, 0.0))
 
-    def _score_block(self, q: np.ndarray, plan: Plan, block: np.ndarray) -> np.ndarray:
+    @staticmethod
+    def _scoring_vector(q: np.ndarray, plan: Plan) -> np.ndarray:
+        """What a stored row is multiplied by: the query, masked; for a renormalised mask
+        the numerator of the masked cosine, over ||q*w||, the row's own norm apart."""
         if plan.weights is None:
-            return block @ q
+            return q
+        qv = q * plan.weights
+        if plan.renormalize:
+            return (qv / np.float32(np.linalg.norm(qv))) * plan.weights
+        return qv
+
+    def _score_block(self, q: np.ndarray, plan: Plan, block: np.ndarray) -> np.ndarray:
         if plan.renormalize:
             return self._renormalized_scores(q, plan, block)[0]
-        return block @ (q * plan.weights)
+        return block @ self._scoring_vector(q, plan)
 
     def _scores(self, q: np.ndarray, plan: Plan, rows: np.ndarray | None) -> np.ndarray:
         """Exact scores of ``rows`` (None: every row, read in place without a copy), in
@@ -283,9 +292,7 @@ class SearchMixin:
         """(masked cosine, masked inner product / ||q*w||) of ``vectors``: one computation
         for the exact search and the re-rank, so both give the very same floats."""
         w = plan.weights
-        qv = q * w
-        qv = (qv / np.float32(np.linalg.norm(qv))) * w
-        ip = vectors @ qv
+        ip = vectors @ SearchMixin._scoring_vector(q, plan)
         norms = np.sqrt((vectors * vectors) @ (w * w))
         return np.divide(ip, norms, out=np.zeros_like(ip), where=norms > 0), ip
 
@@ -339,23 +346,16 @@ class SearchMixin:
                 if excluded:
                     invalid[self._id_rows[np.fromiter(excluded, np.int64, len(excluded))]] = True
                 keep = np.flatnonzero(~invalid)
-                order = self._top_k(column[keep], ids_all[keep], min(k, self._live - len(excluded)))
-                out.append(ids_all[keep][order])
+                ids = ids_all[keep]
+                out.append(ids[self._top_k(column[keep], ids, min(k, self._live - len(excluded)))])
         return out
 
     def _score_columns(self, queries: np.ndarray, plans: list[Plan]) -> np.ndarray:
         """[rows, queries] exact scores, each query under its own plan (:meth:`_score_block`
         for many queries: the renormalised masked cosine as :meth:`_renormalized_scores`)."""
-        columns = []
-        for q, plan in zip(queries, plans):
-            if plan.weights is None:
-                columns.append(q)
-            elif plan.renormalize:
-                qv = q * plan.weights
-                columns.append((qv / np.float32(np.linalg.norm(qv))) * plan.weights)
-            else:
-                columns.append(q * plan.weights)
-        matrix = np.stack(columns, axis=1).astype(np.float32, copy=False)
+        matrix = np.stack(
+            [self._scoring_vector(q, plan) for q, plan in zip(queries, plans)], axis=1
+        ).astype(np.float32, copy=False)
         renormalized = [j for j, plan in enumerate(plans) if plan.renormalize]
         squares = (
             np.stack([plans[j].weights * plans[j].weights for j in renormalized], axis=1)
