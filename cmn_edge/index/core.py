@@ -28,7 +28,7 @@ from .calibrate import CalibrateMixin
 from .errors import ConceptError, ConceptIndexError, IndexCorruptError, ModelMismatchError
 from .lock import RWLock
 from .persistence import PersistenceMixin
-from .plan import ConceptRef, Plan, PlanMixin, check_concept_name
+from .plan import ConceptRef, Plan, PlanMixin, check_concept_name, checked_k
 from .regions import RegionsMixin
 from .rerank import DEFAULT_DEPTH, check_rerank, structural_rerank
 from .scan import Costs
@@ -770,15 +770,10 @@ class ConceptIndex(
         exclude = [{int(i) for i in e} for e in exclude]
         if not len(controls) == len(exclude) == len(queries):
             raise ConceptIndexError("exact_ids_many: one control and one exclusion per query")
-        k = int(k)
-        if k < 1:
-            raise ConceptIndexError(f"k must be at least 1, not {k}")
+        k = checked_k(k)
         plans = [self.plan(**c) for c in controls]
         for q, plan in zip(queries, plans):
-            if plan.weights is not None and not np.any(q * plan.weights):
-                raise ConceptError(
-                    f"{self._where()}: the concept controls remove everything this query has"
-                )
+            self._walk_vector(q, plan)  # refuses a query the controls leave nothing
         self._fresh()
         with self._lock.read():
             if self._live == 0:

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..parts import Parts
-from .errors import ConceptError
+from .errors import ConceptError, ConceptIndexError
 
 #: A part (a CMN concept, a DGML group) by id or by name.
 ConceptRef = int | str
@@ -31,6 +31,24 @@ class Plan:
     weights: np.ndarray | None  # float32 [C], per dimension; None = plain cosine
     renormalize: bool = False
     described: dict = field(default_factory=dict)
+
+    def walk_vector(self, q: np.ndarray) -> np.ndarray:
+        """The query a graph walks with: ``q`` itself for plain cosine (callers test for
+        that by identity), else masked; for a renormalised mask the masked cosine's
+        numerator, whose direction is all a walk needs."""
+        if self.weights is None:
+            return q
+        if self.renormalize:
+            return q * self.weights * self.weights
+        return q * self.weights
+
+
+def checked_k(k: int) -> int:
+    """How many hits were asked for, refused below one: the same rule for every backend."""
+    k = int(k)
+    if k < 1:
+        raise ConceptIndexError(f"k must be at least 1, not {k}")
+    return k
 
 
 def check_concept_name(name: str) -> str:
@@ -135,5 +153,15 @@ class PlanMixin:
             raise ConceptError(f"{self._where()}: the {noun} controls leave no {noun}")
         return Plan(w, bool(renormalize), described)
 
+    def _walk_vector(self, q: np.ndarray, plan: Plan) -> np.ndarray:
+        """:meth:`Plan.walk_vector`, refused when the controls leave this query nothing:
+        every score would be zero, so any order would be a made-up answer."""
+        qh = plan.walk_vector(q)
+        if not np.any(qh):
+            raise ConceptError(
+                f"{self._where()}: the concept controls remove everything this query has"
+            )
+        return qh
 
-__all__ = ["ConceptRef", "PartRef", "Plan", "PlanMixin", "check_concept_name"]
+
+__all__ = ["ConceptRef", "PartRef", "Plan", "PlanMixin", "check_concept_name", "checked_k"]

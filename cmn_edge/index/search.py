@@ -13,8 +13,8 @@ from collections.abc import Callable, Mapping
 
 import numpy as np
 
-from .errors import ConceptError, ConceptIndexError
-from .plan import Plan
+from .errors import ConceptIndexError
+from .plan import Plan, checked_k
 from .scan import SCAN_AFTER, ProjectedRows
 
 CHUNK = 32768
@@ -34,9 +34,7 @@ class SearchMixin:
         exact: bool,
         exclude_ids: set[int],
     ) -> tuple[np.ndarray, np.ndarray]:
-        k = int(k)
-        if k < 1:
-            raise ConceptIndexError(f"k must be at least 1, not {k}")
+        k = checked_k(k)
         live = self._live
         if live == 0:
             raise ConceptIndexError(f"{self._where()}: the index is empty")
@@ -51,16 +49,7 @@ class SearchMixin:
             subset = {i for i in subset if self._has(i)}  # a reader's view may lag the database
             if not subset:
                 return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32)
-        if plan.weights is None:
-            qh = q
-        elif plan.renormalize:
-            qh = q * plan.weights * plan.weights  # numerator of the masked cosine
-        else:
-            qh = q * plan.weights
-        if not np.any(qh):
-            raise ConceptError(
-                f"{self._where()}: the concept controls remove everything this query has"
-            )
+        qh = self._walk_vector(q, plan)
         size = len(subset) if subset is not None else searchable
         tail = self._tail_rows()
         in_graph = live - len(tail)

@@ -32,8 +32,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..index.core import ConceptIndex, Hit
-from ..index.errors import ConceptError, ConceptIndexError, ModelMismatchError
-from ..index.plan import ConceptRef, Plan, PlanMixin
+from ..index.errors import ConceptIndexError, ModelMismatchError
+from ..index.plan import ConceptRef, Plan, PlanMixin, checked_k
 from ..index.search import SearchMixin
 from ..parts import Parts
 from .connect import DEFAULT_TABLE, connect, display_url, first_line, psycopg_modules
@@ -214,21 +214,10 @@ class PgGallery(PlanMixin):
         exclude_ids: Iterable[int] = (),
     ) -> list[Hit]:
         """The k best items for one query embedding; the local ``search``'s hits and scores."""
-        k = int(k)
-        if k < 1:
-            raise ConceptIndexError(f"k must be at least 1, not {k}")
+        k = checked_k(k)
         q = self._query_vector(query)
         plan = self.plan(exclude, only, weights, renormalize)
-        if plan.weights is None:
-            qh = q
-        elif plan.renormalize:
-            qh = q * plan.weights * plan.weights
-        else:
-            qh = q * plan.weights
-        if not np.any(qh):
-            raise ConceptError(
-                f"{self._where()}: the concept controls remove everything this query has"
-            )
+        qh = self._walk_vector(q, plan)
         doc = self._filter(where)
         skip = sorted({int(i) for i in exclude_ids})
         size = self._subset_size(doc, skip, max(self.exact_below, 2 * EF_LIMIT) + 1)
