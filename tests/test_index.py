@@ -692,3 +692,5 @@ def test_many_exact_searches_at_once_find_what_each_finds_alone(
         index.exact_ids_many(blind, 10, [{"only": list(range(8))}])
     with pytest.raises(ConceptIndexError, match="one control and one exclusion per query"):
         index.exact_ids_many(picked[:2], 10, [{}])
+    with pytest.raises(ConceptIndexError, match="k must be at least 1, not 0"):
+        index.exact_ids_many(picked[:2], 0)
