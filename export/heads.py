@@ -67,6 +67,9 @@ class HeadSpec:
     #: config -> weight of the head's own regularising loss (``model.regulariser``)
     regulariser_weight: Callable[[dict], float]
     options: tuple[HeadOption, ...] = ()
+    #: this head's options, with defaults -> None, or ValueError for a combination that
+    #: would train nothing sensible (each option alone is checked by its ``choices``)
+    check_options: Callable[[dict[str, Any]], None] = lambda values: None
 
     def head_options(self, config: dict) -> dict[str, Any]:
         """This head's options from a config, with the defaults for any it lacks."""
@@ -110,6 +113,12 @@ def _cmn_criterion(config: dict, num_classes: int) -> nn.Module:
     )
 
 
+def _check_cmn_options(values: dict[str, Any]) -> None:
+    if values["train"] != "all" and values["init"] != "features":
+        # a random head kept still would rank by random directions
+        raise ValueError(f"--head-train {values['train']} needs --head-init features")
+
+
 def _dgml_criterion(config: dict, num_classes: int) -> nn.Module:
     from .dgml import GroupMetricLoss
 
@@ -128,6 +137,7 @@ HEADS: dict[str, HeadSpec] = {
             build=_build_cmn,
             criterion=_cmn_criterion,
             regulariser_weight=lambda config: float(config["separation_weight"]),
+            check_options=_check_cmn_options,
             options=(
                 HeadOption(
                     "--token-norm",
@@ -207,9 +217,7 @@ def head_option_values(head: str, given: dict[str, Any]) -> dict[str, Any]:
             if spec is not chosen and opt.key in given and given[opt.key] != opt.default:
                 raise ValueError(f"{opt.flag} applies to --head {spec.name}, not --head {head}")
     values = {opt.key: given.get(opt.key, opt.default) for opt in chosen.options}
-    if values.get("train", "all") != "all" and values.get("init") != "features":
-        # a random head kept still would rank by random directions
-        raise ValueError(f"--head-train {values['train']} needs --head-init features")
+    chosen.check_options(values)
     return values
 
 
