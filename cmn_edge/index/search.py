@@ -316,8 +316,9 @@ class SearchMixin:
         """The ids :meth:`_exact_unlocked` finds over every live item, for many queries in
         one pass over the vectors per batch of them.
 
-        Calibration's truth: at 75k items its 1,000 exact searches, one pass over all
-        150 MB of vectors each, took 18 s of a checkpoint, and the walks they judge 0.9 s.
+        Calibration's truth: one exact search per query is one pass over every stored
+        vector each, which at tens of thousands of items cost a checkpoint far more than
+        the walks it judges (an uncommitted profile: 18 s against 0.9 s at 75k).
         A matrix product sums in another order than one query's, so a score may differ in
         its last bit: only a tie at the k-th place could tell.
         """
