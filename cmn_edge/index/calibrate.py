@@ -11,6 +11,7 @@ enter the graph: queries the graph has never seen, which is what a user's query 
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Sequence
 
@@ -66,11 +67,18 @@ class CalibrateMixin:
         query may take instead ranks every row in the graph's space, so it finds at least
         what a walk of the same depth does; it is off while tuning.
         """
-        walk_only, self._walk_only = self._walk_only, True
-        try:
+        with self._walks_only():
             return self._calibrate_walk(
                 target, k, queries, sample, seed, mask_fractions, exclude_own
             )
+
+    @contextlib.contextmanager
+    def _walks_only(self):
+        """The projected scan off while a depth is measured: it is the walk's depth that is
+        tuned and checked."""
+        walk_only, self._walk_only = self._walk_only, True
+        try:
+            yield
         finally:
             self._walk_only = walk_only
 
@@ -93,15 +101,12 @@ class CalibrateMixin:
         sits about two standard errors above the target, and a check that asked the same
         failed every other time on such a depth (a re-tuning at almost every check).
         """
-        walk_only, self._walk_only = self._walk_only, True
-        try:
+        with self._walks_only():
             trial = _Trial(self, k, queries, 0, seed, mask_fractions, exclude_own)
             if trial.trivial:
                 return {"ok": True, "recall": 1.0, "masked_recall": {}, "queries": 0}
             plain, _ = trial.measure(*trial.plain)
             masked = {name: trial.measure(c, t) for name, c, t in trial.masks(None)}
-        finally:
-            self._walk_only = walk_only
         return {
             "ok": plain >= target and all(mean >= target for mean, _ in masked.values()),
             "recall": plain,
